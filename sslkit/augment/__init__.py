@@ -1,0 +1,10 @@
+"""View pipelines by name, all in :data:`sslkit.registry.AUGMENTATIONS`.
+
+A pipeline maps one uint8 image ``(3, H, W)`` to a list of float views (normalised). ``view_sizes``
+gives each view's side length so objectives can group same-size views into one forward pass.
+"""
+
+from sslkit.augment.base import ViewPipeline, eval_transform
+from sslkit.augment import simclr  # noqa: F401  (registration)
+
+__all__ = ["ViewPipeline", "eval_transform"]

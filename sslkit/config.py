@@ -1,0 +1,261 @@
+"""Recipe schema, loading, overrides and validation.
+
+A recipe is a YAML file that states only what differs from the defaults below (dinov2-style). The
+``augment`` and ``encoder`` sections are checked against the keyword arguments of the registered factory
+named by their ``name`` key, and ``objective`` against that objective's config dataclass, so every key
+in a recipe is checked, with its type, before any work starts.
+
+Example::
+
+    cfg = load_recipe("recipes/simclr_resnet18_fmnist.yaml", ["optim.lr=0.3", "trainer.epochs=2"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sslkit.registry import AUGMENTATIONS, ENCODERS, OBJECTIVES, RegistryError, load_all
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key and the valid choices."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # a registered dataset (`sslkit list`)
+    root: str | None = None  # dataset location; None = the dataset's default search path
+    args: dict[str, Any] = field(default_factory=dict)  # further keyword arguments of the dataset factory
+    subset: int | None = None  # train on a fixed random subset of this many images
+    batch_size: int = 256  # per device; the global batch is batch_size * devices * num_nodes
+    num_workers: int = 2  # DataLoader worker processes making the views
+    eval_split: str = "test"  # split used by the k-NN monitor and the final evaluation
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | lars
+    lr: float = 1e-3  # base learning rate, scaled by `lr_scaling`
+    lr_scaling: str = "linear"  # linear: lr * global_batch / 256 (Goyal et al.); sqrt; none
+    min_lr: float = 0.0  # end of the cosine
+    warmup_epochs: float = 0.0  # linear warmup from 0, in epochs (fractions allowed)
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 -> 0.4); None = constant
+    momentum: float = 0.9  # sgd, lars
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw (MAE: 0.9, 0.95)
+    clip_grad: float | None = None  # max gradient norm; None = no clipping
+    clip_mode: str = "norm"  # norm: global norm; per_param: each parameter's norm (official DINO)
+    foreach: bool | None = None  # multi-tensor optimiser kernels; None = torch's default
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs for the schedules)
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = 1  # int, or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto (DDP when several devices) | ddp | ddp_spawn | fsdp
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or 32-true | bf16-mixed | 16-mixed
+    channels_last: bool = True  # NHWC memory layout for CNN encoders
+    compile: bool = False  # torch.compile the objective
+    sync_batchnorm: bool = False
+    checkpoint_every_steps: int = 500  # also at every epoch end; 0 = only at epoch ends
+    log_every_steps: int = 10
+    progress: bool = True
+    threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 0  # online k-NN monitor every N epochs (0 = off)
+    final_knn: bool = True  # k-NN of the eval encoder on data.eval_split after training
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_train_subset: int | None = None  # bank size for the monitor (None = whole train split)
+    knn_test_subset: int | None = None
+    image_size: int | None = None  # evaluation resolution; None = augment.image_size
+    batch_size: int = 512
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "run"
+    seed: int = 0
+    output_dir: str = "runs"  # runs go to output_dir/name (a numbered suffix avoids overwriting)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: dict[str, Any] = field(default_factory=lambda: {"name": "simclr"})
+    encoder: dict[str, Any] = field(default_factory=lambda: {"name": "resnet18_cifar"})
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "simclr"})
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _plain_type(tp: Any) -> Any:
+    """Map a factory annotation to one OmegaConf accepts (tuples become lists)."""
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list, typing.Sequence, Any) or tp in (tuple, list):
+        args = typing.get_args(tp)
+        inner = args[0] if args and args[0] is not Ellipsis else Any
+        return list[_plain_type(inner)] if inner in (int, float, str, bool) else list[Any]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _plain_type(args[0]) | None
+        return Any
+    if tp in (int, float, str, bool):
+        return tp
+    return Any
+
+
+def factory_schema(fn: Any, section: str) -> type:
+    """A dataclass built from a factory's keyword arguments (name, type, default) plus ``name``."""
+    hints = typing.get_type_hints(fn)
+    fields = [("name", str, dataclasses.field(default=""))]
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        tp = _plain_type(hints.get(p.name, Any))
+        if p.default is inspect.Parameter.empty:
+            fields.append((p.name, tp, dataclasses.field(default=dataclasses.MISSING)))
+        else:
+            d = list(p.default) if isinstance(p.default, tuple) else p.default
+            fields.append((p.name, tp, dataclasses.field(default_factory=lambda d=d: d)))
+    return dataclasses.make_dataclass(f"{section}_schema", fields)
+
+
+def _error(e: OmegaConfBaseException, where: str, schema: type | None = None) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).splitlines()[0]
+    valid = ""
+    if schema is not None:
+        valid = f" Valid keys in {where}: {', '.join(f.name for f in dataclasses.fields(schema))}."
+    return ConfigError(f"recipe key '{where + '.' if where and not key.startswith(where) else ''}{key}': {msg}.{valid}")
+
+
+def _validate_section(cfg: DictConfig, section: str) -> None:
+    sec = cfg[section]
+    registry = {"augment": AUGMENTATIONS, "encoder": ENCODERS, "objective": OBJECTIVES}[section]
+    name = sec.get("name")
+    if not name:
+        raise ConfigError(f"recipe section '{section}' needs a 'name'. Valid names: {', '.join(registry.names())}.")
+    try:
+        entry = registry.get(name)
+    except RegistryError as e:
+        raise ConfigError(f"recipe key '{section}.name': {e}") from None
+    schema = entry.config or factory_schema(entry.factory, section)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), sec)
+        plain = OmegaConf.to_container(merged, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise _error(e, section, schema) from None
+    plain["name"] = name
+    cfg[section] = plain
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(RecipeConfig)}
+
+
+def resolve(raw: dict[str, Any], overrides: list[str] | None = None) -> DictConfig:
+    """Merge defaults <- ``raw`` <- ``overrides`` and validate every section."""
+    load_all()
+    base = OmegaConf.structured(RecipeConfig)
+    for k in raw:
+        if k not in SECTIONS:
+            raise ConfigError(f"unknown recipe key '{k}'. Valid top-level keys: {', '.join(SECTIONS)}.")
+    try:
+        over = OmegaConf.from_dotlist(list(overrides or []))
+    except Exception as e:  # noqa: BLE001 - omegaconf raises several kinds for a malformed override
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}. Write them as key.sub=value.") from None
+    for k in over:
+        if k not in SECTIONS:
+            raise ConfigError(f"unknown override key '{k}'. Valid top-level keys: {', '.join(SECTIONS)}.")
+    try:
+        # A new `name` for a registry section replaces the whole section rather than mixing two factories' keys.
+        for sec in ("augment", "encoder", "objective"):
+            if sec in raw and "name" in raw[sec]:
+                base[sec] = {}
+            if sec in over and "name" in over[sec] and over[sec]["name"] != (raw.get(sec) or {}).get("name"):
+                raw = {**raw, sec: {}}
+                base[sec] = {}
+        cfg = OmegaConf.merge(base, raw, over)
+    except OmegaConfBaseException as e:
+        section = str(getattr(e, "full_key", "") or "").split(".")[0]
+        sch = SECTIONS[section].type if section in SECTIONS else None
+        raise _error(e, "", sch if dataclasses.is_dataclass(sch) else None) from None
+    for sec in ("augment", "encoder", "objective"):
+        _validate_section(cfg, sec)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: DictConfig) -> None:
+    from sslkit.registry import DATASETS
+
+    if cfg.data.name not in DATASETS:
+        raise ConfigError(f"recipe key 'data.name': unknown dataset {cfg.data.name!r}. "
+                          f"Valid datasets: {', '.join(DATASETS.names())}.")
+    positive = {"data.batch_size": cfg.data.batch_size, "trainer.epochs": cfg.trainer.epochs,
+                "trainer.num_nodes": cfg.trainer.num_nodes, "eval.knn_k": cfg.eval.knn_k}
+    for k, v in positive.items():
+        if v is None or v <= 0:
+            raise ConfigError(f"recipe key '{k}' must be positive, got {v}.")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"recipe key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}.")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"recipe key 'optim.lr' must be positive, got {cfg.optim.lr}.")
+    choices = {"optim.name": (cfg.optim.name, ("adamw", "sgd", "lars")),
+               "optim.lr_scaling": (cfg.optim.lr_scaling, ("linear", "sqrt", "none")),
+               "optim.clip_mode": (cfg.optim.clip_mode, ("norm", "per_param")),
+               "trainer.precision": (cfg.trainer.precision, ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")),
+               "trainer.accelerator": (cfg.trainer.accelerator, ("auto", "cpu", "gpu", "cuda")),
+               "data.eval_split": (cfg.data.eval_split, ("train", "test"))}
+    for k, (v, valid) in choices.items():
+        if v not in valid:
+            raise ConfigError(f"recipe key '{k}': {v!r} is not one of {', '.join(valid)}.")
+    obj_cls = OBJECTIVES.get(cfg.objective.name).factory
+    views = getattr(obj_cls, "views", None)
+    aug = cfg.augment
+    if views == "pair" and (aug.name == "multicrop" or aug.get("num_views", 2) != 2):
+        raise ConfigError(f"objective '{cfg.objective.name}' needs exactly two same-size views; augment "
+                          f"'{aug.name}' gives a different set. Use augment.name=simclr (num_views=2).")
+    if views != "multicrop" and aug.name == "multicrop":
+        raise ConfigError(f"augment 'multicrop' (local crops) needs a multi-crop objective such as dino; "
+                          f"objective '{cfg.objective.name}' cannot use local crops.")
+    if views == "multicrop" and aug.name != "multicrop":
+        raise ConfigError(f"objective '{cfg.objective.name}' needs augment.name=multicrop, got {aug.name!r}.")
+    if views == "single" and aug.get("num_views", 1) != 1:
+        raise ConfigError(f"objective '{cfg.objective.name}' takes one view per image; set augment.name=mae.")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
+    """Read a YAML recipe and resolve it (see :func:`resolve`)."""
+    p = Path(path)
+    if not p.is_file():
+        alt = Path("recipes") / p.name
+        hint = f" Did you mean {alt}?" if alt.is_file() else ""
+        raise ConfigError(f"recipe {p} not found.{hint} Recipes ship in the recipes/ folder.")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(raw).__name__}.")
+    return resolve(raw, overrides)
+
+
+def section_kwargs(section: DictConfig) -> dict[str, Any]:
+    """A registry section as factory keyword arguments (without ``name``)."""
+    d = OmegaConf.to_container(section, resolve=True)
+    d.pop("name", None)
+    return d

@@ -1,0 +1,10 @@
+"""Datasets that yield ``(uint8 image tensor (3, H, W), int label)``.
+
+Every dataset is built through :data:`sslkit.registry.DATASETS` with a ``split`` ("train" or "test").
+Unlabeled images get label ``-1``. Views are made later by :mod:`sslkit.augment`.
+"""
+
+from sslkit.data.base import DataError, ImageDataset, TensorImageDataset, subset_dataset
+from sslkit.data import cifar, fashion_mnist, image_folder, synthetic  # noqa: F401  (registration)
+
+__all__ = ["DataError", "ImageDataset", "TensorImageDataset", "subset_dataset"]

@@ -1,0 +1,107 @@
+"""ImageNet-style folder trees (``root/[split/]class/img.jpg``) and unlabeled folders of images."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sslkit.data.base import DataError, ImageDataset
+from sslkit.registry import DATASETS
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def decode_image(path: Path) -> torch.Tensor:
+    """Decode any PIL-readable image to uint8 RGB ``(3, H, W)``.
+
+    Grayscale, palette, CMYK, RGBA and 16-bit images are all converted; 16-bit data is scaled, not clipped.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            hi = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+            arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            im = Image.fromarray(arr, mode="L")
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        rgb = im.convert("RGB")
+        arr = np.asarray(rgb, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageFolderDataset(ImageDataset):
+    """Images decoded on access. Unreadable files are skipped (a warning names them) unless ``strict``."""
+
+    def __init__(self, files: list[Path], labels: list[int], classes: list[str], strict: bool, source: str):
+        self.files, self._labels, self.classes, self.strict, self.source = files, labels, classes, strict, source
+        self.bad: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor(self._labels, dtype=torch.long)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(min(len(self.files), 64)):
+            j = (i + attempt) % len(self.files)
+            try:
+                return decode_image(self.files[j]), self._labels[j]
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+                if self.strict:
+                    raise DataError(f"cannot read image {self.files[j]}: {e}. Remove or fix it, or set "
+                                    "data.strict=false to skip unreadable files.") from e
+                if str(self.files[j]) not in self.bad:
+                    self.bad.append(str(self.files[j]))
+                    if len(self.bad) <= 5:
+                        warnings.warn(f"skipping unreadable image {self.files[j]}: {e}", stacklevel=2)
+        raise DataError(f"{self.source}: 64 unreadable images in a row from index {i}; first bad: {self.bad[:5]}")
+
+
+def _images_in(d: Path, recursive: bool) -> list[Path]:
+    it = d.rglob("*") if recursive else d.iterdir()
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+@DATASETS.register("image_folder", help="ImageNet-style tree root/[train|val]/class/*.jpg, or an unlabeled folder")
+def image_folder(split: str = "train", root: str | None = None, labeled: bool = True,
+                 strict: bool = False) -> ImageFolderDataset:
+    """A folder tree. ``root/<split>`` is used when it exists (``val`` also serves ``test``), else ``root``.
+
+    With ``labeled=True`` every sub-folder is a class; with ``labeled=False``, or when ``root`` holds images
+    but no class folders, all images below it are used with label -1.
+    """
+    if root is None:
+        raise DataError("image_folder needs data.root, the folder that holds the images.")
+    r = Path(root).expanduser()
+    if not r.is_dir():
+        raise DataError(f"image_folder root {r} does not exist or is not a folder.")
+    base = r
+    for name in ([split] + (["val"] if split == "test" else [])):
+        if (r / name).is_dir():
+            base = r / name
+            break
+    class_dirs = sorted(d for d in base.iterdir() if d.is_dir()) if labeled else []
+    class_dirs = [d for d in class_dirs if _images_in(d, recursive=True)]
+    if class_dirs:
+        files, labels = [], []
+        for k, d in enumerate(class_dirs):
+            imgs = _images_in(d, recursive=True)
+            files += imgs
+            labels += [k] * len(imgs)
+        classes = [d.name for d in class_dirs]
+    else:
+        files = _images_in(base, recursive=True)
+        labels, classes = [-1] * len(files), []
+    if not files:
+        raise DataError(f"image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {base}.")
+    return ImageFolderDataset(files, labels, classes, strict, f"image_folder/{split} ({base})")

@@ -1,0 +1,136 @@
+"""timm-backed encoders with one interface.
+
+``ENCODERS.build(name, **kw)`` returns an :class:`Encoder`: ``forward(x) -> (B, dim)`` pooled features;
+ViTs also have ``forward_tokens(x, keep=None) -> (cls (B, D), patches (B, L, D))`` where ``keep`` (B, K)
+selects visible patch indices before the blocks run (MAE), and ``patch_size``. Weights are always
+randomly initialised: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from sslkit.registry import ENCODERS
+
+
+class Encoder(nn.Module):
+    """Wraps a timm model. ``dim`` is the pooled feature size; ``patch_size`` is None for CNNs."""
+
+    def __init__(self, model: nn.Module, name: str, pool: str = "token") -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.is_vit = isinstance(model, VisionTransformer)
+        if pool not in ("token", "avg"):
+            raise ValueError(f"encoder pool must be 'token' or 'avg', got {pool!r}")
+        self.pool = pool
+        self.dim: int = int(model.num_features)
+        self.patch_size: int | None = None
+        if self.is_vit:
+            ps = model.patch_embed.patch_size
+            self.patch_size = int(ps[0] if isinstance(ps, tuple | list) else ps)
+            self.num_prefix_tokens = int(model.num_prefix_tokens)
+
+    @property
+    def is_cnn(self) -> bool:
+        return not self.is_vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, dim)."""
+        if not self.is_vit:
+            return self.model(x)
+        cls, patches = self.forward_tokens(x)
+        return cls if self.pool == "token" else patches.mean(dim=1)
+
+    def forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ViTs: (B, 3, H, W) -> (cls (B, D), patch tokens (B, K, D)).
+
+        ``keep`` (B, K) long: indices of the patches to run through the blocks (the rest are dropped
+        after the position embedding, so compute scales with K).
+        """
+        if not self.is_vit:
+            raise TypeError(f"encoder {self.name!r} is a CNN and has no tokens")
+        m = self.model
+        t = m.patch_embed(x)
+        t = m._pos_embed(t)  # (B, P + L, D) with P prefix tokens; interpolates pos-embed for other sizes
+        t = m.patch_drop(t)
+        t = m.norm_pre(t)
+        if keep is not None:
+            p = self.num_prefix_tokens
+            patches = torch.gather(t[:, p:], 1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, K, D)
+            t = torch.cat([t[:, :p], patches], dim=1)
+        t = m.blocks(t)
+        t = m.norm(t)
+        return t[:, 0], t[:, self.num_prefix_tokens:]
+
+    def num_patches(self, image_size: int) -> int:
+        if self.patch_size is None:
+            raise TypeError(f"encoder {self.name!r} has no patches")
+        return (image_size // self.patch_size) ** 2
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) that take no weight decay besides biases and norms."""
+        inner = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
+        return {f"model.{n}" for n in inner}
+
+
+def _timm(name: str, **kw) -> nn.Module:
+    kw.setdefault("num_classes", 0)
+    return timm.create_model(name, pretrained=False, **kw)
+
+
+@ENCODERS.register("resnet18_cifar", help="ResNet-18 with a 3x3 stride-1 stem and no max-pool (for 32 px)")
+def resnet18_cifar(zero_init_residual: bool = True) -> Encoder:
+    """ResNet-18 for small images: 3x3 stride-1 first conv, no max-pool (SimCLR paper, CIFAR setting)."""
+    model = _timm("resnet18", zero_init_last=zero_init_residual)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return Encoder(model, "resnet18_cifar")
+
+
+@ENCODERS.register("resnet50", help="ResNet-50 (ImageNet stem), 2048-d features")
+def resnet50(zero_init_residual: bool = True) -> Encoder:
+    return Encoder(_timm("resnet50", zero_init_last=zero_init_residual), "resnet50")
+
+
+def _vit(name: str, pool: str, **kw) -> Encoder:
+    kw.setdefault("dynamic_img_size", True)  # interpolate position embeddings for multi-crop sizes
+    kw.setdefault("global_pool", "token" if pool == "token" else "avg")
+    return Encoder(_timm(name, **kw), name, pool=pool)
+
+
+@ENCODERS.register("vit_tiny_patch4_32", help="ViT-Tiny (192-d, 12 blocks, 3 heads) with 4-px patches, for 32 px")
+def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192, num_heads: int = 3,
+                       mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, pool: str = "token") -> Encoder:
+    """ViT-Tiny for small images: 4x4 patches (64 tokens at 32 px, 49 at 28 px)."""
+    model = VisionTransformer(img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=depth,
+                              num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, drop_path_rate=drop_path_rate,
+                              dynamic_img_size=True, global_pool="token" if pool == "token" else "avg")
+    return Encoder(model, "vit_tiny_patch4_32", pool=pool)
+
+
+@ENCODERS.register("vit_small_patch16_224", help="ViT-S/16 (384-d), the DINO paper's main model")
+def vit_small_patch16_224(img_size: int = 224, drop_path_rate: float = 0.1, pool: str = "token") -> Encoder:
+    return _vit("vit_small_patch16_224", pool, img_size=img_size, drop_path_rate=drop_path_rate)
+
+
+@ENCODERS.register("vit_base_patch16_224", help="ViT-B/16 (768-d), the MAE paper's base model")
+def vit_base_patch16_224(img_size: int = 224, drop_path_rate: float = 0.0, pool: str = "token") -> Encoder:
+    return _vit("vit_base_patch16_224", pool, img_size=img_size, drop_path_rate=drop_path_rate)
+
+
+def _any_timm(name: str, **kw) -> Encoder:
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+        raise ValueError(f"timm has no model {name!r}. Similar: {close}. See timm.list_models().")
+    pool = kw.pop("pool", "token")
+    model = _timm(name, **kw)
+    if isinstance(model, VisionTransformer):
+        return _vit(name, pool, **kw)
+    return Encoder(model, f"timm:{name}")
+
+
+ENCODERS.register_prefix("timm", _any_timm)

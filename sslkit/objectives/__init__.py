@@ -1,0 +1,10 @@
+"""SSL objectives: each owns its heads, teacher and loss state, never the optimiser.
+
+Registered in :data:`sslkit.registry.OBJECTIVES` with a config dataclass, so a recipe's ``objective``
+section is validated against that dataclass. A new objective is one file here plus a recipe.
+"""
+
+from sslkit.objectives.base import Objective
+from sslkit.objectives import simclr  # noqa: F401  (registration)
+
+__all__ = ["Objective"]

@@ -1,0 +1,133 @@
+"""One strict registry type for encoders, augmentations, objectives and datasets.
+
+Factories are registered by name with a decorator (as in timm's model registry) and built with
+``REGISTRY.build(name, **kwargs)``. An unknown name, or a keyword the factory does not take, raises an
+error that lists what is valid instead of failing later somewhere deep inside.
+
+Example::
+
+    ENCODERS = Registry("encoder")
+
+    @ENCODERS.register("resnet18_cifar")
+    def resnet18_cifar(**kw): ...
+
+    enc = ENCODERS.build("resnet18_cifar")
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class RegistryError(KeyError):
+    """Unknown name or bad arguments for a registered factory."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    factory: Callable[..., Any]
+    config: type | None  # optional dataclass describing the factory's recipe section
+    help: str
+
+
+class Registry:
+    """A named table of factories.
+
+    Args:
+        kind: what is registered ("encoder", "objective", ...); used in error messages.
+        prefix_factories: optional ``{"timm": fn}`` where ``build("timm:resnet50")`` calls
+            ``fn("resnet50", **kwargs)``, for open-ended families such as any timm model.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+        self._prefixes: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str, *, config: type | None = None, help: str = "") -> Callable:
+        """Decorator that registers ``factory`` under ``name``."""
+
+        def deco(factory: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._entries:
+                raise RegistryError(f"{self.kind} {name!r} is registered twice")
+            doc = help or (inspect.getdoc(factory) or "").split("\n")[0]
+            self._entries[name] = Entry(name, factory, config, doc)
+            return factory
+
+        return deco
+
+    def register_prefix(self, prefix: str, factory: Callable[..., Any]) -> None:
+        self._prefixes[prefix] = factory
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries or self._prefix_of(name) is not None
+
+    def _prefix_of(self, name: str) -> str | None:
+        if ":" in name and name.split(":", 1)[0] in self._prefixes:
+            return name.split(":", 1)[0]
+        return None
+
+    def get(self, name: str) -> Entry:
+        if name in self._entries:
+            return self._entries[name]
+        prefix = self._prefix_of(name)
+        if prefix is not None:
+            fn = self._prefixes[prefix]
+            rest = name.split(":", 1)[1]
+            return Entry(name, lambda **kw: fn(rest, **kw), None, f"{prefix} model {rest}")
+        valid = ", ".join(self.names() + [f"{p}:<name>" for p in self._prefixes])
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RegistryError(f"unknown {self.kind} {name!r}.{hint} Valid {self.kind}s: {valid}.")
+
+    def build(self, name: str, **kwargs: Any) -> Any:
+        """Call the factory registered as ``name``; unknown keywords are named in the error."""
+        entry = self.get(name)
+        _check_kwargs(entry.factory, kwargs, f"{self.kind} {name!r}")
+        return entry.factory(**kwargs)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.names()})"
+
+
+def _check_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise RegistryError(
+            f"{what} got unknown argument(s) {unknown}. It accepts: {sorted(accepted) or 'no arguments'}."
+        )
+
+
+ENCODERS = Registry("encoder")
+AUGMENTATIONS = Registry("augmentation")
+OBJECTIVES = Registry("objective")
+DATASETS = Registry("dataset")
+
+ALL = {"encoders": ENCODERS, "augmentations": AUGMENTATIONS, "objectives": OBJECTIVES, "datasets": DATASETS}
+
+
+def load_all() -> None:
+    """Import the modules that fill the registries (they register on import)."""
+    import sslkit.augment  # noqa: F401
+    import sslkit.data  # noqa: F401
+    import sslkit.encoders  # noqa: F401
+    import sslkit.objectives  # noqa: F401

@@ -1,0 +1,121 @@
+"""The run directory: what pretraining leaves behind and what evaluation reads.
+
+Layout::
+
+    runs/<name>[-N]/
+        config.yaml            the resolved recipe
+        checkpoints/last.ckpt  full training state (weights_only-loadable)
+        metrics.csv            one row per logged step
+        tb/                    TensorBoard events
+        encoder.safetensors    the objective's eval encoder (DINO: the teacher)
+        summary.json           images/s, peak memory, final metrics
+    runs/<name>-latest -> the newest run of that recipe name
+
+Eval never imports objectives or the engine: :func:`load_encoder` rebuilds the encoder from
+``config.yaml`` and ``encoder.safetensors``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sslkit.registry import ENCODERS, load_all
+
+
+class RunError(RuntimeError):
+    """A run directory or checkpoint that cannot be used; the message says why and what to do."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_encoder(encoder: torch.nn.Module, path: Path) -> None:
+    """Export encoder weights as safetensors (atomically)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    atomic_write_bytes(Path(path), save(state, metadata={"format": "pt", "producer": "sslkit"}))
+
+
+def resolve_run_dir(path: str | os.PathLike) -> Path:
+    """Accept a run directory, its ``-latest`` link, or a file inside it (checkpoint, safetensors)."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        p = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    if not p.exists():
+        raise RunError(f"run {path} does not exist. Train one first (e.g. `make pretrain-dino`) or pass a run "
+                       "directory that holds config.yaml and encoder.safetensors.")
+    p = p.resolve()
+    if not (p / "config.yaml").is_file():
+        raise RunError(f"{p} is not a run directory: it has no config.yaml.")
+    return p
+
+
+def load_config(run_dir: str | os.PathLike) -> DictConfig:
+    return OmegaConf.load(resolve_run_dir(run_dir) / "config.yaml")
+
+
+def build_encoder(cfg: DictConfig) -> torch.nn.Module:
+    load_all()
+    kw: dict[str, Any] = OmegaConf.to_container(cfg.encoder, resolve=True)  # type: ignore[assignment]
+    name = kw.pop("name")
+    return ENCODERS.build(name, **kw)
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the mismatched keys and shapes."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s), e.g. {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:5]}")
+        if shape:
+            parts.append("shape mismatch for " + ", ".join(
+                f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in shape[:5]))
+        raise RunError(f"{what} does not fit this model: " + "; ".join(parts)
+                       + ". Was it saved from a different encoder/objective or recipe?")
+    module.load_state_dict(state, strict=True)
+
+
+def load_encoder(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, DictConfig]:
+    """Rebuild a run's eval encoder from ``config.yaml`` + ``encoder.safetensors`` (in eval mode)."""
+    from safetensors.torch import load_file
+
+    d = resolve_run_dir(run_dir)
+    cfg = OmegaConf.load(d / "config.yaml")
+    weights = d / "encoder.safetensors"
+    if not weights.is_file():
+        raise RunError(f"{d} has no encoder.safetensors: the run has not finished. Resume it with "
+                       f"`sslkit pretrain {d / 'config.yaml'} --resume {d}`, or evaluate a finished run.")
+    enc = build_encoder(cfg)
+    load_state_strict(enc, load_file(str(weights), device=str(map_location)), str(weights))
+    return enc.eval(), cfg
