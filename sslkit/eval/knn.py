@@ -1,0 +1,169 @@
+"""Weighted k-nearest-neighbour classification on frozen features.
+
+The protocol of DINO (Caron et al., 2021, ``eval_knn.py``, after Wu et al., 2018): cosine similarity between
+L2-normalised features, the ``k`` most similar training features vote for their labels with weight
+``exp(sim / T)``, and the class with the largest summed weight wins. Top-5 counts a hit when the true class is
+among the 5 highest-scoring classes that received a vote (so, as in DINO, top-5 equals top-1 for k = 1).
+
+Search uses a FAISS ``IndexFlatIP`` (exact), on the GPU when CUDA and a GPU build of faiss are present;
+queries are processed in chunks, and the result does not depend on the chunk size.
+
+Example::
+
+    res = knn_classify(train_f, train_y, test_f, test_y, k=[10, 20])
+    res[20]["top1"]  # percent
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_KS = (10, 20, 100, 200)
+DEFAULT_K = 20
+DEFAULT_TEMPERATURE = 0.07
+DEFAULT_CHUNK_SIZE = 1024
+TOPK_ACCURACY = 5  # the "top-5" of top-1/top-5
+
+
+def faiss_gpu_available() -> bool:
+    """True when CUDA is usable and the installed faiss has GPU support."""
+    import faiss
+
+    return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def l2_normalize(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as contiguous float32 NumPy (what FAISS wants). ``(N, D) -> (N, D)``."""
+    a = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    norms = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.ascontiguousarray(a / np.maximum(norms, np.finfo(np.float32).tiny))
+
+
+def to_gpu_if_available(index, use_gpu: bool | None = None):  # noqa: ANN001, ANN201 - faiss types
+    """Move a FAISS index to GPU 0 when ``use_gpu`` (None = when :func:`faiss_gpu_available`)."""
+    import faiss
+
+    if use_gpu is None:
+        use_gpu = faiss_gpu_available()
+    if not use_gpu:
+        return index
+    res = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
+    gpu_index._sslkit_res = res  # keep the resources alive as long as the index
+    return gpu_index
+
+
+def flat_ip_index(bank: np.ndarray, use_gpu: bool | None = None):  # noqa: ANN201
+    """Exact inner-product index over ``bank`` ``(N, D)`` float32 (normalise first for cosine)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(bank.shape[1])
+    index = to_gpu_if_available(index, use_gpu)
+    index.add(bank)
+    return index
+
+
+def weighted_vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int,
+                  temperature: float) -> torch.Tensor:
+    """Class scores from neighbours (DINO eval_knn).
+
+    Args:
+        sims: ``(Q, k)`` cosine similarities of each query's neighbours.
+        neighbour_labels: ``(Q, k)`` long, the neighbours' labels.
+        num_classes: C.
+        temperature: T in ``exp(sim / T)``.
+
+    Returns:
+        ``(Q, C)`` summed weights per class.
+    """
+    weights = (sims.double() / temperature).exp()  # (Q, k); float64 so exp(1/0.07) sums stay exact enough
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=torch.float64)
+    return scores.scatter_add_(1, neighbour_labels, weights)  # (Q, C)
+
+
+def vote_hits(scores: torch.Tensor, labels: torch.Tensor, topk: int = TOPK_ACCURACY) -> tuple[int, int]:
+    """Numbers of top-1 and top-``topk`` hits for class scores ``(Q, C)`` and true labels ``(Q,)``.
+
+    Top-1: ``argmax`` (first class on ties). Top-k: the true class got a vote (score > 0) and fewer than
+    ``topk`` classes scored strictly higher.
+    """
+    top1 = scores.argmax(dim=1) == labels  # (Q,)
+    own = scores.gather(1, labels[:, None]).squeeze(1)  # (Q,)
+    higher = (scores > own[:, None]).sum(dim=1)  # (Q,)
+    topk_hit = (own > 0) & (higher < topk)
+    return int(top1.sum()), int(topk_hit.sum())
+
+
+def _as_ks(k: int | Sequence[int]) -> list[int]:
+    ks = [int(k)] if isinstance(k, int | np.integer) else [int(v) for v in k]
+    if not ks or any(v <= 0 for v in ks):
+        raise ValueError(f"k must be a positive int or a non-empty list of them, got {k!r}")
+    return ks
+
+
+def _check_inputs(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                  test_labels: torch.Tensor) -> None:
+    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"features must be (N, D) with the same D, got {tuple(train_feats.shape)} and "
+                         f"{tuple(test_feats.shape)}")
+    if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels):
+        raise ValueError("one label per feature row is needed")
+    if len(train_feats) == 0:
+        raise ValueError("the k-NN bank (train features) is empty")
+    if (torch.as_tensor(train_labels) < 0).any() or (torch.as_tensor(test_labels) < 0).any():
+        raise ValueError("k-NN needs labelled data; found label -1 (unlabelled images)")
+
+
+def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, *, k: int | list[int] = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
+                 num_classes: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 use_gpu: bool | None = None) -> dict:
+    """Temperature-weighted k-NN accuracy (DINO ``eval_knn.py``), in percent.
+
+    Args:
+        train_feats: ``(N, D)`` bank features; any scale (they are L2-normalised here).
+        train_labels: ``(N,)`` long.
+        test_feats: ``(Q, D)`` query features.
+        test_labels: ``(Q,)`` long.
+        k: neighbours; an int, or a list to evaluate several k from one search. k above N is clipped to N.
+        temperature: T of the vote weights ``exp(sim / T)``.
+        num_classes: C; None = 1 + the largest label seen.
+        chunk_size: queries per search call (memory bound only; results do not depend on it).
+        use_gpu: FAISS on GPU; None = when available.
+
+    Returns:
+        ``{"top1": %, "top5": %}`` for an int ``k``; ``{k: {"top1": %, "top5": %}}`` for a list.
+    """
+    _check_inputs(train_feats, train_labels, test_feats, test_labels)
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    ks = _as_ks(k)
+    train_y = torch.as_tensor(train_labels).long().cpu()  # (N,)
+    test_y = torch.as_tensor(test_labels).long().cpu()  # (Q,)
+    if num_classes is None:
+        num_classes = int(max(train_y.max(), test_y.max() if len(test_y) else 0)) + 1
+    bank = l2_normalize(train_feats)  # (N, D)
+    queries = l2_normalize(test_feats)  # (Q, D)
+    index = flat_ip_index(bank, use_gpu)
+    k_max = min(max(ks), len(bank))
+
+    hits = {kk: [0, 0] for kk in ks}
+    for start in range(0, len(queries), chunk_size):
+        sims, idx = index.search(queries[start:start + chunk_size], k_max)  # (q, k_max) each, best first
+        sims_t, nb_labels = torch.from_numpy(sims), train_y[torch.from_numpy(idx)]  # (q, k_max)
+        y = test_y[start:start + chunk_size]  # (q,)
+        for kk in ks:
+            kc = min(kk, k_max)
+            scores = weighted_vote(sims_t[:, :kc], nb_labels[:, :kc], num_classes, temperature)  # (q, C)
+            h1, h5 = vote_hits(scores, y)
+            hits[kk][0] += h1
+            hits[kk][1] += h5
+    total = max(len(queries), 1)
+    results = {kk: {"top1": 100.0 * h1 / total, "top5": 100.0 * h5 / total} for kk, (h1, h5) in hits.items()}
+    return results[ks[0]] if isinstance(k, int | np.integer) else results

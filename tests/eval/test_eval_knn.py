@@ -1,0 +1,85 @@
+"""k-NN against a direct NumPy implementation of DINO's weighted vote."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sslkit.eval.knn import knn_classify
+
+
+def numpy_knn(train_x, train_y, test_x, test_y, k, T, C):
+    """Reference: brute-force cosine, top-k, exp(sim/T) weights summed per class (DINO eval_knn)."""
+    tr = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    te = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    sim = te.astype(np.float64) @ tr.astype(np.float64).T  # (Q, N)
+    k = min(k, len(tr))
+    top1 = top5 = 0
+    for q in range(len(te)):
+        nn_idx = np.argsort(-sim[q], kind="stable")[:k]
+        scores = np.zeros(C)
+        for j in nn_idx:
+            scores[train_y[j]] += np.exp(sim[q, j] / T)
+        order = np.argsort(-scores, kind="stable")
+        top1 += order[0] == test_y[q]
+        voted = [c for c in order[:5] if scores[c] > 0]
+        top5 += test_y[q] in voted
+    return {"top1": 100.0 * top1 / len(te), "top5": 100.0 * top5 / len(te)}
+
+
+def _data(n_train, n_test, d=16, c=7, seed=0):
+    g = np.random.default_rng(seed)
+    centers = g.normal(size=(c, d))
+    ytr, yte = g.integers(0, c, n_train), g.integers(0, c, n_test)
+    xtr = centers[ytr] + 1.5 * g.normal(size=(n_train, d))
+    xte = centers[yte] + 1.5 * g.normal(size=(n_test, d))
+    return (torch.tensor(xtr, dtype=torch.float32), torch.tensor(ytr), torch.tensor(xte, dtype=torch.float32),
+            torch.tensor(yte))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 20, 500])
+@pytest.mark.parametrize("T", [0.07, 0.5])
+def test_knn_matches_numpy(k, T):
+    xtr, ytr, xte, yte = _data(200, 60, seed=k)
+    got = knn_classify(xtr, ytr, xte, yte, k=k, temperature=T, num_classes=7)
+    want = numpy_knn(xtr.numpy(), ytr.numpy(), xte.numpy(), yte.numpy(), k, T, 7)
+    assert got["top1"] == pytest.approx(want["top1"])
+    assert got["top5"] == pytest.approx(want["top5"])
+
+
+@pytest.mark.parametrize("n_test", [1, 3, 50])
+def test_knn_chunk_size_independent(n_test):
+    xtr, ytr, xte, yte = _data(150, n_test, seed=n_test)
+    ref = knn_classify(xtr, ytr, xte, yte, k=[5, 20], chunk_size=10_000)
+    for chunk in (1, 2, 7):
+        assert knn_classify(xtr, ytr, xte, yte, k=[5, 20], chunk_size=chunk) == ref
+    want = numpy_knn(xtr.numpy(), ytr.numpy(), xte.numpy(), yte.numpy(), 20, 0.07, 7)
+    assert ref[20]["top1"] == pytest.approx(want["top1"])
+
+
+def test_knn_list_and_int_agree_and_k_clipped():
+    xtr, ytr, xte, yte = _data(3, 3, seed=1)  # bank of 3, k far larger
+    many = knn_classify(xtr, ytr, xte, yte, k=[1, 200])
+    assert set(many) == {1, 200}
+    assert many[200] == knn_classify(xtr, ytr, xte, yte, k=200)
+    assert many[200] == knn_classify(xtr, ytr, xte, yte, k=3)
+
+
+def test_knn_perfect_on_separated_clusters_and_top5_k1():
+    x = torch.eye(4).repeat(5, 1) + 0.01 * torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(4).repeat(5)
+    res = knn_classify(x, y, x[:4] * 2, y[:4], k=1)
+    assert res == {"top1": 100.0, "top5": 100.0}
+    wrong = knn_classify(x, y, x[:4], (y[:4] + 1) % 4, k=1)  # with k=1 top-5 equals top-1 (DINO)
+    assert wrong == {"top1": 0.0, "top5": 0.0}
+
+
+def test_knn_rejects_bad_input():
+    x, y = torch.randn(5, 3), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(ValueError, match="same D"):
+        knn_classify(x, y, torch.randn(2, 4), y[:2])
+    with pytest.raises(ValueError, match="k must be"):
+        knn_classify(x, y, x, y, k=0)
+    with pytest.raises(ValueError, match="unlabelled"):
+        knn_classify(x, y - 1, x, y)
