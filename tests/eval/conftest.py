@@ -12,3 +12,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _one_faiss_thread():
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    yield

@@ -1,0 +1,383 @@
+"""Image retrieval with FAISS: label-based metrics, approximate-index quality, and copy detection.
+
+Features are L2-normalised and searched by inner product (= cosine). The index comes from a FAISS factory
+string: ``Flat`` (exact, the default), ``IVF{nlist},Flat``, ``HNSW32``, ``IVF{nlist},PQ{m}``.
+
+Label metrics (query set = eval split, gallery = train split), following Musgrave, Belongie and Lim,
+"A Metric Learning Reality Check" (ECCV 2020):
+
+* **mAP@R**: for a query whose label occurs ``R`` times in the gallery, retrieve ``R`` items and average
+  ``P(i) * rel(i)`` over ``i = 1..R`` (divided by ``R``); then the mean over queries (queries with ``R = 0`` are
+  left out).
+* **R-precision**: the share of relevant items among the first ``R``.
+* **recall@k**: the share of queries with at least one same-label item among the top ``k``.
+* **precision@k**: the mean share of same-label items among the top ``k``.
+
+For an approximate index, ``exact_recall@k`` is the share of the exact (Flat) top-``k`` neighbours that it
+returns, and ``speedup`` the ratio of Flat's to the index's search time for the same queries.
+
+**Copy detection** (DINO, Caron et al. 2021, Sec. 4.2.2, simplified: pooled features, no whitening): queries
+are strongly augmented copies of gallery images (random crop, colour jitter, blur, JPEG re-encoding); each
+query has one relevant item, its source, so AP is ``1 / rank`` of the source within the retrieved list.
+
+Example::
+
+    res = retrieval_metrics(test_f, test_y, train_f, train_y, index="IVF64,Flat", nprobe=8)
+    res["map@r"], res["recall@1"], res["exact_recall@10"]
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from sslkit.eval.knn import flat_ip_index, l2_normalize, to_gpu_if_available
+
+DEFAULT_INDEX = "Flat"
+DEFAULT_KS = (1, 5, 10)
+DEFAULT_NPROBE = 8  # IVF lists visited per query (clipped to nlist); nprobe = nlist makes IVF,Flat exact
+DEFAULT_EF_SEARCH = 64  # HNSW search breadth (raised to the search depth when that is larger)
+DEFAULT_EXACT_K = 10  # neighbours compared with exact search for approximate indexes
+MAX_CHUNK_ENTRIES = 1 << 22  # queries x depth per search call (bounds memory for deep mAP@R searches)
+PQ_MIN_TRAIN = 256  # 2^8 centroids per PQ sub-quantiser need at least this many training vectors
+MISSING = -1  # FAISS's id for "no neighbour found"
+
+# Copy-detection augmentation (strong, as in DINO's copy-detection queries)
+COPY_CROP_SCALE = (0.25, 1.0)
+COPY_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+COPY_JITTER_P = 0.8
+COPY_BLUR_P = 0.5
+COPY_BLUR_SIGMA = (0.1, 2.0)
+COPY_JPEG_QUALITY = (30, 80)
+DEFAULT_COPY_QUERIES = 1000
+DEFAULT_COPY_DEPTH = 100  # AP of a query whose source is not in the top DEFAULT_COPY_DEPTH counts as 0
+
+
+class IndexSpecError(ValueError):
+    """A FAISS factory string that cannot be used with these features; the message says why."""
+
+
+_SUPPORTED = (r"Flat", r"IVF\d+,Flat", r"HNSW\d+", r"IVF\d+,PQ\d+")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Index
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_index_spec(spec: str, num_items: int, dim: int) -> None:
+    """Raise :class:`IndexSpecError` unless ``spec`` is supported and fits ``num_items`` vectors of ``dim``."""
+    if not any(re.fullmatch(p, spec) for p in _SUPPORTED):
+        raise IndexSpecError(f"index {spec!r} is not supported. Use one of: Flat, IVF<nlist>,Flat (e.g. IVF256,Flat), "
+                             f"HNSW<M> (e.g. HNSW32), IVF<nlist>,PQ<m> (e.g. IVF256,PQ16).")
+    ivf = re.match(r"IVF(\d+)", spec)
+    if ivf and not 1 <= int(ivf.group(1)) <= num_items:
+        raise IndexSpecError(f"index {spec!r} has nlist={ivf.group(1)} but the gallery holds {num_items} vectors; "
+                             f"nlist must be between 1 and {num_items} (about sqrt(N) = {int(num_items ** 0.5)} is usual).")
+    pq = re.search(r"PQ(\d+)", spec)
+    if pq:
+        m = int(pq.group(1))
+        if m <= 0 or dim % m:
+            raise IndexSpecError(f"index {spec!r}: PQ{m} needs the feature dimension ({dim}) to be a multiple of {m}.")
+        if num_items < PQ_MIN_TRAIN:
+            raise IndexSpecError(f"index {spec!r}: product quantisation needs at least {PQ_MIN_TRAIN} gallery "
+                                 f"vectors to train, got {num_items}. Use Flat or IVF<n>,Flat.")
+
+
+def nlist_of(spec: str) -> int | None:
+    m = re.match(r"IVF(\d+)", spec)
+    return int(m.group(1)) if m else None
+
+
+def build_index(gallery: np.ndarray, spec: str = DEFAULT_INDEX, *, nprobe: int | None = None,
+                ef_search: int = DEFAULT_EF_SEARCH, use_gpu: bool | None = None, seed: int = 0):  # noqa: ANN201
+    """An inner-product FAISS index over ``gallery`` ``(N, D)`` float32 (L2-normalised by the caller).
+
+    Args:
+        spec: factory string (see module docstring).
+        nprobe: IVF lists visited per query; None = ``min(DEFAULT_NPROBE, nlist)``.
+        ef_search: HNSW search breadth.
+        use_gpu: FAISS GPU (Flat and IVF only); None = when available.
+        seed: seed of the k-means / PQ training.
+    """
+    import faiss
+
+    n, d = gallery.shape
+    check_index_spec(spec, n, d)
+    if spec == "Flat":
+        return flat_ip_index(gallery, use_gpu)
+    index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
+    concrete = faiss.downcast_index(index)  # a second view of the same object; `index` keeps ownership
+    if hasattr(concrete, "do_polysemous_training"):
+        # Polysemous codes only serve Hamming-filtered search, which is not used here, and their training
+        # takes seconds even on a few hundred vectors.
+        concrete.do_polysemous_training = False
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+        ivf.nprobe = min(nprobe or DEFAULT_NPROBE, ivf.nlist)
+    if not index.is_trained:
+        index.train(gallery)
+    if not spec.startswith("HNSW"):
+        index = to_gpu_if_available(index, use_gpu)
+    index.add(gallery)
+    set_search_params(index, nprobe=nprobe, ef_search=ef_search)
+    return index
+
+
+def set_search_params(index, *, nprobe: int | None = None, ef_search: int | None = None) -> None:  # noqa: ANN001
+    """Set ``nprobe`` (IVF, clipped to nlist) and ``efSearch`` (HNSW) where the index has them."""
+    import faiss
+
+    if nprobe is not None and hasattr(index, "nprobe"):
+        index.nprobe = min(int(nprobe), int(getattr(index, "nlist", nprobe)))
+    elif nprobe is not None:
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = min(int(nprobe), ivf.nlist)
+    if ef_search is not None and hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(ef_search)
+
+
+def search(index, queries: np.ndarray, depth: int, *, ef_search: int = DEFAULT_EF_SEARCH,
+           chunk_entries: int = MAX_CHUNK_ENTRIES) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Top-``depth`` neighbours of ``queries`` ``(Q, D)``: ``(sims (Q, depth) float32, ids (Q, depth) int64)``.
+
+    Queries are searched in chunks of ``chunk_entries // depth``; missing neighbours have id -1.
+    """
+    depth = max(1, min(depth, int(index.ntotal)))
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = max(ef_search, depth)  # HNSW returns at most efSearch results
+    chunk = max(1, chunk_entries // depth)
+    sims, ids = [], []
+    for start in range(0, len(queries), chunk):
+        s, i = index.search(np.ascontiguousarray(queries[start:start + chunk]), depth)
+        sims.append(s)
+        ids.append(i)
+    if not sims:
+        return np.zeros((0, depth), np.float32), np.zeros((0, depth), np.int64)
+    return np.concatenate(sims), np.concatenate(ids)
+
+
+def index_memory_bytes(index) -> int | None:  # noqa: ANN001
+    """Serialised size of a CPU index (a proxy for its memory); None for GPU indexes."""
+    import faiss
+
+    try:
+        return int(faiss.serialize_index(index).nbytes)
+    except (RuntimeError, TypeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Label metrics (Musgrave et al. 2020)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _neighbour_labels(ids: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """``(Q, K)`` labels of the retrieved ids; missing ids (-1) get a label no query has."""
+    lab = gallery_labels[np.clip(ids, 0, None)]
+    return np.where(ids == MISSING, np.iinfo(np.int64).min, lab)
+
+
+def average_precision_at_r(relevant: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """AP@R per query.
+
+    Args:
+        relevant: ``(Q, K)`` bool, whether the i-th retrieved item has the query's label (K >= max R).
+        r: ``(Q,)`` number of relevant gallery items per query (> 0).
+
+    Returns:
+        ``(Q,)``: ``1/R * sum_{i<=R} P(i) rel(i)``.
+    """
+    k = relevant.shape[1]
+    pos = np.arange(1, k + 1)  # (K,)
+    within = pos[None, :] <= r[:, None]  # (Q, K): only the first R results count
+    rel = relevant & within
+    precision = np.cumsum(rel, axis=1) / pos[None, :]  # (Q, K)
+    return (precision * rel).sum(axis=1) / r
+
+
+def label_metrics(ids: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                  ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """mAP@R, R-precision, recall@k and precision@k (in %) from retrieved ``ids`` ``(Q, depth)``.
+
+    ``depth`` must be at least max(R) for mAP@R to be exact (:func:`retrieval_metrics` ensures it).
+    """
+    gallery_labels = np.asarray(gallery_labels, dtype=np.int64)
+    query_labels = np.asarray(query_labels, dtype=np.int64)
+    counts = np.bincount(gallery_labels[gallery_labels >= 0], minlength=int(max(query_labels.max(initial=0),
+                                                                                gallery_labels.max(initial=0))) + 1)
+    r = np.where(query_labels >= 0, counts[np.clip(query_labels, 0, None)], 0)  # (Q,)
+    relevant = _neighbour_labels(ids, gallery_labels) == query_labels[:, None]  # (Q, depth)
+    out: dict[str, float] = {}
+    has = r > 0
+    if has.any():
+        ap = average_precision_at_r(relevant[has], r[has])
+        out["map@r"] = 100.0 * float(ap.mean())
+        first_r = relevant[has] & (np.arange(1, ids.shape[1] + 1)[None, :] <= r[has][:, None])
+        out["r_precision"] = 100.0 * float((first_r.sum(axis=1) / r[has]).mean())
+    else:
+        out["map@r"] = out["r_precision"] = 0.0
+    for k in ks:
+        top = relevant[:, :k]  # (Q, k)
+        out[f"recall@{k}"] = 100.0 * float(top.any(axis=1).mean()) if len(top) else 0.0
+        out[f"precision@{k}"] = 100.0 * float((top.sum(axis=1) / k).mean()) if len(top) else 0.0
+    out["num_queries_scored"] = int(has.sum())
+    return out
+
+
+def exact_overlap(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean share of each query's exact top-k ids that the approximate top-k also holds (``k``-recall@``k``)."""
+    k = exact_ids.shape[1]
+    hits = [len(np.intersect1d(a[a != MISSING], e)) for a, e in zip(approx_ids, exact_ids)]
+    return 100.0 * float(np.mean(hits)) / k if hits else 0.0
+
+
+def _timed_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:  # noqa: ANN001
+    t0 = time.perf_counter()
+    _, ids = search(index, queries, k)
+    return ids, time.perf_counter() - t0
+
+
+def retrieval_metrics(query_feats: torch.Tensor, query_labels: torch.Tensor, gallery_feats: torch.Tensor,
+                      gallery_labels: torch.Tensor, *, index: str = DEFAULT_INDEX, ks: Sequence[int] = DEFAULT_KS,
+                      nprobe: int | None = None, ef_search: int = DEFAULT_EF_SEARCH, exact_k: int = DEFAULT_EXACT_K,
+                      use_gpu: bool | None = None, return_ids: int = 0) -> dict:
+    """Label-based retrieval metrics of ``query_feats`` ``(Q, D)`` against ``gallery_feats`` ``(N, D)``.
+
+    Args:
+        index: FAISS factory string.
+        ks: cut-offs of recall@k and precision@k.
+        nprobe, ef_search: search parameters of IVF and HNSW indexes.
+        exact_k: for approximate indexes, the k of the comparison with exact search.
+        return_ids: also return the top-``return_ids`` ids (``"ids"``, ``(Q, return_ids)`` NumPy) for plots.
+
+    Returns:
+        ``{"map@r", "r_precision", "recall@k", "precision@k", "num_queries_scored", "index", "build_seconds",
+        "search_seconds", "queries_per_second"}``, plus ``"exact_recall@{exact_k}"``, ``"speedup"`` and
+        ``"flat_search_seconds"`` for indexes other than Flat.
+    """
+    if query_feats.shape[1] != gallery_feats.shape[1]:
+        raise ValueError(f"query and gallery dims differ: {query_feats.shape[1]} vs {gallery_feats.shape[1]}")
+    if len(gallery_feats) == 0:
+        raise ValueError("the retrieval gallery is empty")
+    gallery = l2_normalize(gallery_feats)  # (N, D)
+    queries = l2_normalize(query_feats)  # (Q, D)
+    g_labels = torch.as_tensor(gallery_labels).long().numpy()
+    q_labels = torch.as_tensor(query_labels).long().numpy()
+    t0 = time.perf_counter()
+    idx = build_index(gallery, index, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu)
+    build_s = time.perf_counter() - t0
+    counts = np.bincount(g_labels[g_labels >= 0]) if (g_labels >= 0).any() else np.zeros(1, np.int64)
+    max_r = int(counts[np.clip(q_labels, 0, len(counts) - 1)].max(initial=0)) if len(q_labels) else 0
+    depth = max(max(ks), max_r, return_ids, 1)
+    t0 = time.perf_counter()
+    _, ids = search(idx, queries, depth, ef_search=ef_search)
+    search_s = time.perf_counter() - t0
+    out: dict = label_metrics(ids, q_labels, g_labels, ks)
+    out.update({"index": index, "nprobe": getattr(faiss_ivf(idx), "nprobe", None), "search_depth": int(ids.shape[1]),
+                "build_seconds": build_s, "search_seconds": search_s,
+                "queries_per_second": len(queries) / search_s if search_s > 0 else float("inf")})
+    if index != "Flat":
+        k = min(exact_k, len(gallery))
+        flat = flat_ip_index(gallery, use_gpu)
+        exact_ids, flat_s = _timed_search(flat, queries, k)
+        approx_ids, approx_s = _timed_search(idx, queries, k)
+        out[f"exact_recall@{k}"] = exact_overlap(approx_ids, exact_ids)
+        out["flat_search_seconds"], out["index_search_seconds"] = flat_s, approx_s
+        out["speedup"] = flat_s / approx_s if approx_s > 0 else float("inf")
+    if return_ids:
+        out["ids"] = ids[:, :return_ids]
+    return out
+
+
+def faiss_ivf(index):  # noqa: ANN001, ANN201
+    """The IVF part of an index (None for Flat / HNSW / GPU indexes without one)."""
+    import faiss
+
+    try:
+        return faiss.try_extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Copy detection
+# ----------------------------------------------------------------------------------------------------------
+
+
+def jpeg_reencode(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """uint8 ``(3, H, W)`` -> JPEG bytes at ``quality`` (PIL) -> uint8 ``(3, H, W)``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def copy_augmentation(height: int, width: int):  # noqa: ANN201
+    """Strong per-image augmentation of uint8 ``(3, H, W)`` images (output the same size): crop, jitter, blur."""
+    from torchvision.transforms import v2
+
+    blur_kernel = max(3, int(0.1 * min(height, width)) // 2 * 2 + 1)
+    return v2.Compose([
+        v2.RandomResizedCrop((height, width), scale=COPY_CROP_SCALE, antialias=True),
+        v2.RandomApply([v2.ColorJitter(*COPY_JITTER)], p=COPY_JITTER_P),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel, sigma=COPY_BLUR_SIGMA)], p=COPY_BLUR_P),
+    ])
+
+
+def make_copies(images: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """Strongly augmented, JPEG re-encoded copies of uint8 ``images`` ``(N, 3, H, W)`` -> ``(N, 3, H, W)``.
+
+    Deterministic for a given ``seed`` (the global torch RNG is forked, not disturbed).
+    """
+    n, _, h, w = images.shape
+    aug = copy_augmentation(h, w)
+    qualities = np.random.default_rng(seed).integers(COPY_JPEG_QUALITY[0], COPY_JPEG_QUALITY[1] + 1, size=n)
+    out = torch.empty_like(images)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(n):
+            out[i] = jpeg_reencode(aug(images[i].contiguous()), int(qualities[i]))
+    return out
+
+
+def copy_detection_metrics(query_feats: torch.Tensor, source_ids: torch.Tensor, gallery_feats: torch.Tensor, *,
+                           index: str = DEFAULT_INDEX, ks: Sequence[int] = DEFAULT_KS, depth: int = DEFAULT_COPY_DEPTH,
+                           nprobe: int | None = None, use_gpu: bool | None = None, return_ids: int = 0) -> dict:
+    """Find each copy's source: mAP (= mean ``1/rank`` of the source, 0 beyond ``depth``) and recall@k (%).
+
+    Args:
+        query_feats: ``(Q, D)`` features of the copies.
+        source_ids: ``(Q,)`` gallery row of each copy's source.
+        gallery_feats: ``(N, D)``.
+    """
+    gallery = l2_normalize(gallery_feats)
+    queries = l2_normalize(query_feats)
+    src = torch.as_tensor(source_ids).long().numpy()  # (Q,)
+    idx = build_index(gallery, index, nprobe=nprobe, use_gpu=use_gpu)
+    t0 = time.perf_counter()
+    _, ids = search(idx, queries, max(depth, max(ks), return_ids))  # (Q, depth)
+    search_s = time.perf_counter() - t0
+    hit = ids == src[:, None]  # (Q, depth): at most one True per row
+    found = hit.any(axis=1)
+    rank = hit.argmax(axis=1) + 1  # (Q,), meaningful where found
+    ap = np.where(found, 1.0 / rank, 0.0)
+    out = {"map": 100.0 * float(ap.mean()) if len(ap) else 0.0}
+    for k in ks:
+        out[f"recall@{k}"] = 100.0 * float(hit[:, :k].any(axis=1).mean()) if len(hit) else 0.0
+    out.update({"index": index, "search_depth": int(ids.shape[1]), "num_queries": int(len(src)),
+                "gallery_size": int(len(gallery)), "search_seconds": search_s})
+    if return_ids:
+        out["ids"] = ids[:, :return_ids]
+    return out
