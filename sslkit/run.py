@@ -42,6 +42,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual mode
         os.replace(tmp, path)
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -119,3 +122,18 @@ def load_encoder(run_dir: str | os.PathLike, map_location: str | torch.device = 
     enc = build_encoder(cfg)
     load_state_strict(enc, load_file(str(weights), device=str(map_location)), str(weights))
     return enc.eval(), cfg
+
+
+def build_dataset(cfg: DictConfig, split: str):
+    """The recipe's dataset for ``split`` ("train" or "test"), as (uint8 image, label) items."""
+    from sslkit.registry import DATASETS
+
+    load_all()
+    args: dict[str, Any] = OmegaConf.to_container(cfg.data.args, resolve=True) if cfg.data.get("args") else {}  # type: ignore[assignment]
+    return DATASETS.build(cfg.data.name, split=split, root=cfg.data.root, **args)
+
+
+def eval_image_size(cfg: DictConfig) -> int:
+    """Resolution for evaluation: ``eval.image_size``, else the augmentation's (global) ``image_size``."""
+    size = cfg.eval.get("image_size") if cfg.get("eval") else None
+    return int(size or cfg.augment.get("image_size") or 224)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import timm
 import torch
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from sslkit.registry import ENCODERS
 

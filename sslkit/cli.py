@@ -1,0 +1,148 @@
+"""``sslkit`` command line: pretrain, list, eval, viz.
+
+Examples::
+
+    sslkit pretrain recipes/simclr_resnet18_fmnist.yaml trainer.epochs=2 data.subset=5000
+    sslkit pretrain --resume runs/simclr_resnet18_fmnist-latest
+    sslkit list
+    sslkit eval knn runs/dino_vit_tiny_fmnist-latest
+    sslkit viz attention runs/dino_vit_tiny_fmnist-latest img1.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from sslkit import __version__
+
+
+class CLIError(Exception):
+    pass
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from sslkit.config import load_recipe
+    from sslkit.engine import train
+    from sslkit.run import resolve_run_dir
+
+    overrides = list(args.overrides)
+    recipe = args.recipe
+    if recipe is not None and "=" in recipe:  # `sslkit pretrain --resume RUN key=value`
+        overrides.insert(0, recipe)
+        recipe = None
+    if args.resume:
+        run_dir = resolve_run_dir(args.resume)
+        recipe_path = recipe or run_dir / "config.yaml"
+        cfg = load_recipe(recipe_path, overrides)
+        train(cfg, resume=run_dir, stop_at_step=args.stop_at_step)
+        return 0
+    if recipe is None:
+        raise CLIError("pretrain needs a RECIPE (see recipes/) or --resume RUN_DIR.")
+    cfg = load_recipe(recipe, overrides)
+    if args.dry_run:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    train(cfg, stop_at_step=args.stop_at_step)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from sslkit.registry import ALL, load_all
+
+    load_all()
+    for kind, reg in ALL.items():
+        if args.kind and kind != args.kind:
+            continue
+        print(f"{kind}:")
+        for name in reg.names():
+            print(f"  {name:<24} {reg.get(name).help}")
+        for prefix in getattr(reg, "_prefixes", {}):
+            print(f"  {prefix + ':<name>':<24} any {prefix} model by name")
+    if not args.kind:
+        recipes = sorted(Path("recipes").glob("*.yaml"))
+        if recipes:
+            print("recipes:")
+            for r in recipes:
+                print(f"  {r}")
+    return 0
+
+
+def _add_optional_module(sub: argparse._SubParsersAction, name: str, module: str, help: str) -> None:
+    """Sub-command whose implementation module exposes ``add_arguments(parser)`` and ``run(args)``."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        return
+    p = sub.add_parser(name, help=help, description=help)
+    mod.add_arguments(p)
+    p.set_defaults(func=mod.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslkit", description="Self-supervised pretraining for computer vision.")
+    parser.add_argument("--version", action="version", version=f"sslkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder with a YAML recipe",
+                       description="Pretrain with RECIPE (a YAML file in recipes/), overriding keys with key.sub=value.",
+                       epilog="example: sslkit pretrain recipes/simclr_resnet18_fmnist.yaml trainer.epochs=2")
+    p.add_argument("recipe", nargs="?", help="recipe YAML (optional with --resume)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=0.1 data.subset=5000")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="checkpoint and stop at this global step without changing the schedules")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("list", help="list registered encoders, augmentations, objectives, datasets and recipes")
+    p.add_argument("kind", nargs="?", choices=["encoders", "augmentations", "objectives", "datasets"])
+    p.set_defaults(func=_cmd_list)
+
+    try:
+        eval_cli = importlib.import_module("sslkit.eval.cli")
+    except ModuleNotFoundError as e:
+        if e.name != "sslkit.eval.cli":
+            raise
+        eval_cli = None
+    if eval_cli is not None:
+        p = sub.add_parser("eval", help="evaluate frozen features: knn, linear, retrieval, copy")
+        eval_cli.add_subcommands(p.add_subparsers(dest="eval_command", metavar="EVAL", required=True))
+
+    p = sub.add_parser("viz", help="pictures: DINO attention maps, MAE reconstructions")
+    vsub = p.add_subparsers(dest="viz_command", metavar="VIZ", required=True)
+    _add_optional_module(vsub, "attention", "sslkit.viz.attention", "last-block CLS attention per head (ViT)")
+    _add_optional_module(vsub, "reconstruct", "sslkit.viz.reconstruct", "MAE reconstructions grid")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from sslkit.config import ConfigError
+    from sslkit.data import DataError
+    from sslkit.registry import RegistryError
+    from sslkit.run import RunError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ConfigError, DataError, RegistryError, RunError) as e:
+        print(f"sslkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sslkit: interrupted; the last checkpoint (if any) is intact. Resume with --resume RUN_DIR.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,561 @@
+"""The one training loop, shared by every objective, on Lightning Fabric.
+
+Fabric gives us devices, DDP across GPUs and nodes (gloo on CPU), FSDP and mixed precision; the loop
+itself stays readable top to bottom, like the official DINO script: schedules are computed up front and
+indexed by the global step, and the objective is driven through four calls (see
+:class:`sslkit.objectives.base.Objective`).
+
+Checkpoints hold everything needed to continue bit-exactly on CPU: objective state (teacher, center,
+...), optimiser, step, epoch position, the RNG state of every rank, and the resolved recipe. They are
+written atomically and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sslkit.config import section_kwargs
+from sslkit.data.loader import ResumableBatchSampler, ViewDataset
+from sslkit.registry import AUGMENTATIONS, ENCODERS, OBJECTIVES, load_all
+from sslkit.run import (
+    RunError,
+    atomic_write_bytes,
+    build_dataset,
+    eval_image_size,
+    load_state_strict,
+    save_encoder,
+)
+
+CHECKPOINT_VERSION = 1
+RUN_DIR_ENV = "SSLKIT_RUN_DIR"  # lets DDP children started by the launcher agree on the run directory
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients became NaN/Inf."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedules
+
+
+def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """Per-step values: linear warmup ``warmup_start -> start`` over ``warmup_steps``, then cosine ``start -> end``."""
+    total_steps = max(1, int(total_steps))
+    warmup_steps = min(max(0, int(warmup_steps)), total_steps)
+    warm = np.linspace(warmup_start, start, warmup_steps, endpoint=False)
+    rest = total_steps - warmup_steps
+    t = np.arange(rest) / max(1, rest)
+    cos = end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))
+    return np.concatenate([warm, cos])
+
+
+def scaled_lr(cfg: DictConfig, global_batch: int) -> float:
+    """``optim.lr`` scaled with the global batch: linear (lr*B/256), sqrt (lr*sqrt(B/256)) or none."""
+    rule = cfg.optim.lr_scaling
+    if rule == "linear":
+        return cfg.optim.lr * global_batch / 256
+    if rule == "sqrt":
+        return cfg.optim.lr * math.sqrt(global_batch / 256)
+    return cfg.optim.lr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def build_objective(cfg: DictConfig) -> torch.nn.Module:
+    """Encoder + objective from the recipe (no data, no devices)."""
+    load_all()
+    encoder = ENCODERS.build(cfg.encoder.name, **section_kwargs(cfg.encoder))
+    entry = OBJECTIVES.get(cfg.objective.name)
+    obj_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.config), cfg.objective))
+    return entry.factory(encoder=encoder, cfg=obj_cfg)
+
+
+def build_pipeline(cfg: DictConfig):
+    load_all()
+    return AUGMENTATIONS.build(cfg.augment.name, **section_kwargs(cfg.augment))
+
+
+def build_optimizer(cfg: DictConfig, objective: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """AdamW / SGD / LARS with no weight decay on biases, 1-d parameters (norms) and the objective's tokens."""
+    from timm.optim import Lars, param_groups_weight_decay
+
+    groups = param_groups_weight_decay(objective, cfg.optim.weight_decay,
+                                       no_weight_decay_list=objective.no_weight_decay())
+    for g in groups:
+        g["wd_mult"] = 1.0 if g["weight_decay"] > 0 else 0.0
+    o = cfg.optim
+    foreach = o.foreach
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), foreach=foreach)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, foreach=foreach)
+    if o.name == "lars":
+        return Lars(groups, lr=lr, momentum=o.momentum)
+    raise ValueError(f"unknown optimiser {o.name!r}")
+
+
+def clip_per_param(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Official DINO clipping: scale each parameter's gradient to norm <= ``max_norm`` separately."""
+    for p in params:
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate(_tuplify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a training checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RunError(f"checkpoint {p} does not exist.")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError for truncated zip, ...
+        raise RunError(
+            f"refusing to load checkpoint {p}: it is not a plain weights checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}). sslkit loads checkpoints with weights_only=True, so pickled code "
+            "is never run; a truncated file also ends here. Use the run's previous checkpoint or re-export it."
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "sslkit" or "objective" not in ckpt:
+        raise RunError(f"{p} is not an sslkit training checkpoint (no 'format: sslkit' / 'objective' entries).")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run directory and logs
+
+
+def new_run_dir(cfg: DictConfig) -> Path:
+    """``output_dir/name``, or ``name-2``, ``name-3``... when taken; ``name-latest`` points at it."""
+    root = Path(cfg.output_dir)
+    d = root / cfg.name
+    n = 2
+    while d.exists():
+        d = root / f"{cfg.name}-{n}"
+        n += 1
+    return d
+
+
+def _link_latest(run_dir: Path, name: str) -> None:
+    link = run_dir.parent / f"{name}-latest"
+    tmp = run_dir.parent / f".{name}-latest.tmp{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name)
+        os.replace(tmp, link)
+    except OSError:
+        pass  # a filesystem without symlinks only loses the convenience link
+
+
+class MetricsLog:
+    """``metrics.csv`` (one row per logged step, columns grow as needed) and TensorBoard events."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if resume_step is not None and self.path.is_file():
+            with self.path.open() as f:
+                self.rows = [r for r in csv.DictReader(f) if int(float(r.get("step") or 0)) <= resume_step]
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
+        except Exception:  # noqa: BLE001 - TensorBoard is optional at run time
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.rows.append({"step": step, **values})
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def flush(self) -> None:
+        cols: list[str] = []
+        for r in self.rows:
+            cols += [k for k in r if k not in cols]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_bytes(self.path, buf.getvalue().encode())
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    images_per_s: float
+    final_loss: float
+    peak_rss_gb: float
+    knn: dict[str, float] | None
+
+
+def _resolve_precision(cfg: DictConfig) -> str:
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def make_fabric(cfg: DictConfig):
+    from lightning_fabric import Fabric
+
+    t = cfg.trainer
+    strategy = t.strategy
+    devices = t.devices
+    return Fabric(accelerator=t.accelerator, devices=devices, num_nodes=t.num_nodes, strategy=strategy,
+                  precision=_resolve_precision(cfg))
+
+
+def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step: int | None = None) -> TrainResult:
+    """Pretrain with the resolved recipe ``cfg``; returns where the run went and what it measured.
+
+    Args:
+        cfg: a recipe from :func:`sslkit.config.load_recipe` (already validated).
+        resume: a run directory (or its checkpoint) to continue; its ``config.yaml`` must match ``cfg``
+            except for ``trainer`` settings.
+        stop_at_step: stop (after checkpointing) once this global step is reached, without changing the
+            schedules; used to test resumption and to split long jobs.
+    """
+    # Everything that can fail on bad input is built before anything is written.
+    load_all()
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    dataset = build_dataset(cfg, "train")
+    if cfg.data.subset:
+        from sslkit.data import subset_dataset
+
+        dataset = subset_dataset(dataset, cfg.data.subset, seed=cfg.seed)
+    pipeline = build_pipeline(cfg)
+    build_objective(cfg)  # fail fast on encoder/objective arguments
+
+    ckpt = None
+    if resume is not None:
+        run_dir = Path(resume)
+        if run_dir.is_file():
+            run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+        ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resume_config(cfg, OmegaConf.create(ckpt["config_yaml"]), ckpt_path)
+    else:
+        run_dir = Path(os.environ.get(RUN_DIR_ENV) or new_run_dir(cfg))
+
+    fabric = make_fabric(cfg)
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes the DDP launcher starts
+    try:
+        return fabric.launch(_train_worker, cfg, dataset, pipeline, run_dir, ckpt, stop_at_step)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def _check_resume_config(cfg: DictConfig, saved: DictConfig, path: Path) -> None:
+    a = OmegaConf.to_container(cfg, resolve=True)
+    b = OmegaConf.to_container(saved, resolve=True)
+    for d in (a, b):  # these change how fast the run goes, not what it computes
+        d.get("data", {}).pop("num_workers", None)
+        d.pop("output_dir", None)
+    diff = [k for k in set(a) | set(b) if k not in ("trainer", "eval") and a.get(k) != b.get(k)]
+    if diff:
+        raise RunError(f"cannot resume from {path}: the recipe differs from the run's in {sorted(diff)}. Resume "
+                       "with the run's own config.yaml (only trainer.*, eval.* and data.num_workers may change).")
+
+
+def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict | None,
+                  stop_at_step: int | None) -> TrainResult:
+    rank, world = fabric.global_rank, fabric.world_size
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    objective = build_objective(cfg)
+
+    sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, rank, world)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    objective.setup_schedule(steps_per_epoch, total_steps)
+
+    channels_last = cfg.trainer.channels_last and getattr(objective.encoder, "is_cnn", False)
+    if channels_last:
+        objective = objective.to(memory_format=torch.channels_last)
+    if cfg.trainer.sync_batchnorm and world > 1:
+        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+
+    global_batch = cfg.data.batch_size * world
+    peak_lr = scaled_lr(cfg, global_batch)
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    lr_sched = cosine_schedule(peak_lr, cfg.optim.min_lr, total_steps, warmup)
+    wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
+    wd_sched = cosine_schedule(cfg.optim.weight_decay, wd_end, total_steps)
+    optimizer = build_optimizer(cfg, objective, peak_lr)
+    params = [p for p in objective.parameters() if p.requires_grad]
+
+    step, epoch, start_batch = 0, 0, 0
+    if ckpt is not None:
+        load_state_strict(objective, ckpt["objective"], "checkpoint objective state")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, start_batch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+        if int(ckpt["world_size"]) != world:
+            fabric.print(f"note: resuming a {ckpt['world_size']}-process run on {world} processes; the data order "
+                         "and RNG streams differ from the original from here on.")
+        elif "rng" in ckpt:
+            _set_rng_state(ckpt["rng"][rank])
+    else:
+        torch.manual_seed(cfg.seed + rank)  # per-rank randomness (masks, dropout) for training
+
+    forward_module = torch.compile(objective) if cfg.trainer.compile else objective
+    model, optimizer = fabric.setup(forward_module, optimizer, move_to_device=True)
+    loader = torch.utils.data.DataLoader(
+        ViewDataset(dataset, pipeline), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0, pin_memory=fabric.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG out of worker seeding
+    )
+
+    logs = None
+    if fabric.is_global_zero:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+        _link_latest(run_dir, cfg.name)
+        logs = MetricsLog(run_dir, step if ckpt is not None else None)
+        fabric.print(f"run directory: {run_dir}  ({total_steps} steps, {steps_per_epoch}/epoch, global batch "
+                     f"{global_batch}, lr {peak_lr:.3g}, precision {_resolve_precision(cfg)}, {world} process(es))")
+    fabric.barrier()
+
+    def save_checkpoint(batch_in_epoch: int, ep: int) -> None:
+        rng = _rng_state()
+        rngs = [rng] if world == 1 else _gather_objects(fabric, rng)
+        if not fabric.is_global_zero:
+            return
+        state = {"format": "sslkit", "version": CHECKPOINT_VERSION, "step": step, "epoch": ep,
+                 "batch_in_epoch": batch_in_epoch, "world_size": world, "objective": objective.state_dict(),
+                 "optimizer": optimizer.state_dict(), "rng": rngs, "config_yaml": OmegaConf.to_yaml(cfg)}
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        try:
+            atomic_write_bytes(run_dir / "checkpoints" / "last.ckpt", buf.getvalue())
+        except OSError as e:
+            raise RunError(f"could not write checkpoint at step {step} to {run_dir / 'checkpoints'}: {e}. The "
+                           "previous checkpoint is intact; free disk space or fix permissions, then resume.") from e
+
+    bar = _progress(fabric, total_steps, step, global_batch)
+    last_loss = float("nan")
+    images, train_time = 0, 0.0
+    knn_result = None
+    every = cfg.trainer.checkpoint_every_steps
+    stopped_early = False
+    while step < total_steps and epoch < epochs:
+        sampler.set_epoch(epoch, start_batch)
+        batch_in_epoch = start_batch
+        t0 = time.perf_counter()
+        for views, _labels in loader:
+            for g in optimizer.param_groups:
+                g["lr"] = float(lr_sched[step])
+                g["weight_decay"] = float(wd_sched[step]) * g["wd_mult"]
+            views = [v.to(fabric.device, non_blocking=True) for v in views]
+            if channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            out = model(views, step)
+            loss = out["loss"]
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(_nonfinite_message(cfg, step, float(loss), lr_sched[step], run_dir))
+            fabric.backward(loss)
+            objective.on_after_backward(step)
+            if cfg.optim.clip_grad:
+                if cfg.optim.clip_mode == "per_param":
+                    clip_per_param(params, cfg.optim.clip_grad)
+                else:
+                    fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.clip_grad, error_if_nonfinite=False)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            objective.on_step_end(step)
+            step += 1
+            batch_in_epoch += 1
+            t1 = time.perf_counter()
+            train_time += t1 - t0
+            images += global_batch
+            last_loss = float(loss.detach())
+            if bar is not None:
+                bar.update(global_batch)
+                bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch, refresh=False)
+            if logs is not None and (step % cfg.trainer.log_every_steps == 0 or step == total_steps):
+                row = {"epoch": epoch, "lr": float(lr_sched[step - 1]), "wd": float(wd_sched[step - 1]),
+                       "images_per_s": images / max(train_time, 1e-9)}
+                row.update({k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()})
+                logs.log(step, row)
+            done_epoch = batch_in_epoch >= steps_per_epoch
+            if step == stop_at_step or step == total_steps or (every and step % every == 0 and not done_epoch):
+                save_checkpoint(batch_in_epoch if not done_epoch else 0, epoch if not done_epoch else epoch + 1)
+                if logs is not None:
+                    logs.flush()
+            if step == stop_at_step:
+                stopped_early = step < total_steps
+                break
+            if step >= total_steps:
+                break
+            t0 = time.perf_counter()
+        if stopped_early:
+            break
+        epoch += 1
+        start_batch = 0
+        if step < total_steps and batch_in_epoch >= steps_per_epoch:
+            save_checkpoint(0, epoch)
+        if cfg.eval.knn_every and epoch % cfg.eval.knn_every == 0 and step < total_steps:
+            m = _knn_eval(fabric, cfg, objective.eval_encoder(), monitor=True)
+            if logs is not None and m is not None:
+                logs.log(step, {"knn_top1": m["top1"], "knn_top5": m["top5"], "epoch": epoch})
+                logs.flush()
+                fabric.print(f"epoch {epoch}: online k-NN top-1 {m['top1']:.2f}%")
+    if bar is not None:
+        bar.close()
+
+    ips = images / max(train_time, 1e-9)
+    if not stopped_early and fabric.is_global_zero:
+        save_encoder(objective.eval_encoder(), run_dir / "encoder.safetensors")
+    if not stopped_early and cfg.eval.final_knn:
+        knn_result = _knn_eval(fabric, cfg, objective.eval_encoder(), monitor=False)
+    if logs is not None:
+        if knn_result is not None:
+            logs.log(step, {"knn_top1": knn_result["top1"], "knn_top5": knn_result["top5"]})
+        logs.close()
+        summary = {"steps": step, "total_steps": total_steps, "images_per_s": ips, "train_seconds": train_time,
+                   "final_loss": last_loss, "peak_rss_gb": peak_rss_gb(), "world_size": world,
+                   "precision": _resolve_precision(cfg), "knn": knn_result, "finished": not stopped_early}
+        atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        fabric.print(f"{'stopped' if stopped_early else 'finished'} at step {step}: {ips:.1f} images/s, "
+                     f"loss {last_loss:.4f}, peak memory {peak_rss_gb():.2f} GB")
+        if knn_result is not None:
+            fabric.print(_knn_line(knn_result))
+    return TrainResult(run_dir, step, ips, last_loss, peak_rss_gb(), knn_result)
+
+
+def _gather_objects(fabric, obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * fabric.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _progress(fabric, total_steps: int, step: int, global_batch: int):
+    if not fabric.is_global_zero:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps * global_batch, initial=step * global_batch, unit="img", unit_scale=True,
+                dynamic_ncols=True, desc="pretrain", disable=None, file=sys.stderr)
+
+
+def _nonfinite_message(cfg: DictConfig, step: int, loss: float, lr: float, run_dir: Path) -> str:
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    where = f"the last good checkpoint is {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
+    return (f"loss is {loss} at step {step} (lr {lr:.3g}, precision {_resolve_precision(cfg)}). Likely causes: a "
+            f"learning rate too high for this batch (lower optim.lr or lengthen optim.warmup_epochs), or fp16 "
+            f"overflow (use bf16-mixed or 32-true); {where}.")
+
+
+def _knn_eval(fabric, cfg: DictConfig, encoder: torch.nn.Module, monitor: bool) -> dict[str, float] | None:
+    """k-NN top-1/top-5 of ``encoder`` on the recipe's eval split (rank 0 computes, others wait)."""
+    result = None
+    if fabric.is_global_zero:
+        from sslkit.data import subset_dataset
+        from sslkit.eval.features import extract_features
+        from sslkit.eval.knn import knn_classify
+
+        train_ds = subset_dataset(build_dataset(cfg, "train"), cfg.eval.knn_train_subset, seed=cfg.seed)
+        test_ds = subset_dataset(build_dataset(cfg, cfg.data.eval_split), cfg.eval.knn_test_subset, seed=cfg.seed)
+        size = eval_image_size(cfg)
+        kw = {"image_size": size, "batch_size": cfg.eval.batch_size, "device": fabric.device, "progress": not monitor}
+        ftr, ltr = extract_features(encoder, train_ds, desc="k-NN bank", **kw)
+        fte, lte = extract_features(encoder, test_ds, desc="k-NN queries", **kw)
+        result = knn_classify(ftr, ltr, fte, lte, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature)
+        if not monitor:
+            result = dict(result)
+            px = _pixel_knn(cfg, train_ds, test_ds)
+            if px is not None:
+                result["pixels_top1"] = px
+            result.update({"k": cfg.eval.knn_k, "bank": len(train_ds), "queries": len(test_ds)})
+    fabric.barrier()
+    return result
+
+
+def _pixel_knn(cfg: DictConfig, train_ds, test_ds) -> float | None:
+    """Raw-pixel k-NN on the same bank and queries: the baseline pretraining has to beat."""
+    from sslkit.eval.knn import knn_classify
+
+    if not (hasattr(train_ds, "images") and hasattr(test_ds, "images")):
+        return None
+
+    def flat(ds) -> torch.Tensor:
+        x = ds.images[:, :1].float() if bool((ds.images[:, 0] == ds.images[:, 1]).all()) else ds.images.float()
+        x = x.flatten(1)
+        return x - x.mean(dim=1, keepdim=True)
+
+    r = knn_classify(flat(train_ds), train_ds.labels, flat(test_ds), test_ds.labels, k=cfg.eval.knn_k,
+                     temperature=cfg.eval.knn_temperature)
+    return float(r["top1"])
+
+
+def _knn_line(r: dict[str, float]) -> str:
+    line = f"k-NN (k={r.get('k')}, {r.get('bank')} bank, {r.get('queries')} queries): top-1 {r['top1']:.2f}%"
+    if "pixels_top1" in r:
+        verdict = "above" if r["top1"] > r["pixels_top1"] else "BELOW"
+        line += f"  vs raw pixels {r['pixels_top1']:.2f}%  -> {verdict} the raw-pixel baseline"
+    return line

@@ -1,0 +1,101 @@
+import csv
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sslkit.config import resolve
+from sslkit.engine import build_objective, cosine_schedule, load_checkpoint, train
+from sslkit.run import RunError, load_encoder
+
+
+def _losses(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+
+
+def test_cosine_schedule_formula():
+    s = cosine_schedule(1.0, 0.1, total_steps=10, warmup_steps=4)
+    assert len(s) == 10
+    np.testing.assert_allclose(s[:4], [0, 0.25, 0.5, 0.75])
+    assert s[4] == pytest.approx(1.0)
+    t = np.arange(6) / 6
+    np.testing.assert_allclose(s[4:], 0.1 + 0.45 * (1 + np.cos(np.pi * t)))
+
+
+def test_short_run_lowers_loss_and_exports_encoder(tiny_recipe):
+    cfg = resolve(tiny_recipe(data={"args": {"num_samples": 128}}, trainer={"epochs": 6},
+                              optim={"lr": 2e-3, "warmup_epochs": 0.5}))
+    result = train(cfg)
+    run = result.run_dir
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert (run.parent / "tiny-latest").resolve() == run.resolve()
+    losses = _losses(run)
+    assert len(losses) == result.steps == 48
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.1, losses
+    enc, _ = load_encoder(run)
+    obj = build_objective(cfg)
+    obj.load_state_dict(load_checkpoint(run / "checkpoints" / "last.ckpt")["objective"])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(enc(x), obj.eval_encoder().eval()(x))
+    assert set(load_file(run / "encoder.safetensors")) == set(obj.eval_encoder().state_dict())
+
+
+def test_resume_is_bit_exact(tiny_recipe):
+    full = train(resolve(tiny_recipe(name="full"))).run_dir
+    cfg = resolve(tiny_recipe(name="split"))
+    part = train(cfg, stop_at_step=5)  # mid-epoch (4 steps per epoch), between checkpoints
+    assert part.steps == 5 and not (part.run_dir / "encoder.safetensors").exists()
+    # The resumed half uses a worker process: views must not depend on who makes them.
+    resumed = train(resolve(tiny_recipe(name="split"), ["data.num_workers=1"]), resume=part.run_dir).run_dir
+    a = load_file(full / "encoder.safetensors")
+    b = load_file(resumed / "encoder.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca = load_checkpoint(full / "checkpoints" / "last.ckpt")
+    cb = load_checkpoint(resumed / "checkpoints" / "last.ckpt")
+    for k, v in ca["objective"].items():
+        assert torch.equal(v, cb["objective"][k]), k
+    assert _losses(full) == _losses(resumed)
+
+
+def test_resume_refuses_a_different_recipe(tiny_recipe):
+    part = train(resolve(tiny_recipe()), stop_at_step=2)
+    with pytest.raises(RunError, match=r"differs from the run's in \['optim'\]"):
+        train(resolve(tiny_recipe(), ["optim.lr=0.5"]), resume=part.run_dir)
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "sslkit", "objective": Evil()}, f)
+    with pytest.raises(RunError, match="weights_only=True"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_wrong_encoder_names_mismatched_keys(tiny_recipe):
+    run = train(resolve(tiny_recipe())).run_dir
+    cfg_path = run / "config.yaml"
+    cfg_path.write_text(cfg_path.read_text().replace("depth: 2", "depth: 3"))
+    with pytest.raises(RunError, match=r"missing \d+ key\(s\), e.g. \['model.blocks.2"):
+        load_encoder(run)
+
+
+@pytest.mark.ddp
+def test_engine_ddp_gloo_two_processes(tiny_recipe):
+    cfg = resolve(tiny_recipe(name="ddp", trainer={"epochs": 1, "accelerator": "cpu", "devices": 2,
+                                                   "strategy": "ddp_spawn"}))
+    result = train(cfg)
+    assert result.steps == 2  # 64 images / (16 x 2 processes)
+    ckpt = load_checkpoint(result.run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"]), "ranks draw different randomness"
