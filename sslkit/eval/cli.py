@@ -1,0 +1,196 @@
+"""``sslkit eval {knn,linear,retrieval,copy} RUN_OR_CHECKPOINT``: a thin argparse layer over :mod:`sslkit.eval.report`.
+
+The main CLI calls :func:`add_subcommands` on its ``eval`` sub-parsers; ``python -m sslkit.eval.cli`` runs the
+same commands on their own. Each command prints a table of its metrics and the path of ``results.json``.
+``--baseline all`` evaluates the run's encoder, raw pixels and a random encoder one after another and prints
+them side by side, which shows what pretraining added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sslkit.eval import knn as knn_mod
+from sslkit.eval import linear as linear_mod
+from sslkit.eval import retrieval as retrieval_mod
+
+BASELINE_CHOICES = ("none", "pixels", "random", "all")
+EXIT_USAGE = 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
+                   help="run directory, its -latest link, or a file inside it (checkpoint, encoder.safetensors)")
+    p.add_argument("--baseline", choices=BASELINE_CHOICES, default="none",
+                   help="features to evaluate: the run's encoder (none), raw pixels, a randomly initialised encoder "
+                        "of the run's architecture, or all three side by side")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=None, help="feature-extraction batch (default: eval.batch_size)")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="use a fixed random N images of the train split (the k-NN bank / gallery)")
+    p.add_argument("--test-subset", type=int, default=None, metavar="N",
+                   help="use a fixed random N images of the eval split (the queries)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="extract features again and do not write them (default: cache in RUN/features/)")
+    p.add_argument("--cache-dir", default=None, help="feature cache folder (default: RUN/features/)")
+    p.add_argument("--seed", type=int, default=0, help="subsets, random-encoder weights, copies, plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _plots(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs (t-SNE is the slow one on CPU)")
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``knn``, ``linear``, ``retrieval`` and ``copy`` to ``subparsers`` (each sets ``func(args) -> int``)."""
+    p = subparsers.add_parser("knn", help="weighted k-NN classification (DINO protocol)",
+                              description="Temperature-weighted k-NN of the eval split against the train split "
+                                          "(DINO eval_knn: cosine, top-k neighbours vote with exp(sim/T)).")
+    _common(p)
+    _plots(p)
+    p.add_argument("--k", type=int, nargs="+", default=list(knn_mod.DEFAULT_KS), help="neighbours (several allowed)")
+    p.add_argument("--temperature", type=float, default=knn_mod.DEFAULT_TEMPERATURE,
+                   help="vote temperature T (DINO: 0.07)")
+    p.set_defaults(func=cmd_knn)
+
+    p = subparsers.add_parser("linear", help="linear probe on frozen features",
+                              description="Linear classifier on frozen features. lr and weight decay are swept and "
+                                          "chosen on a validation split of the TRAIN set, then retrained on all of "
+                                          "train and scored once on the eval split.")
+    _common(p)
+    p.add_argument("--lrs", type=float, nargs="+", default=list(linear_mod.DEFAULT_LRS), help="learning rates swept")
+    p.add_argument("--wds", type=float, nargs="+", default=list(linear_mod.DEFAULT_WEIGHT_DECAYS),
+                   help="weight decays swept")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"default {linear_mod.DEFAULT_EPOCHS} on features, {linear_mod.PAPER_EPOCHS} with --paper")
+    p.add_argument("--linear-batch-size", type=int, default=linear_mod.DEFAULT_BATCH_SIZE,
+                   help="classifier mini-batch on features; 0 = full batch")
+    p.add_argument("--val-fraction", type=float, default=linear_mod.DEFAULT_VAL_FRACTION,
+                   help="share of train held out to pick lr / weight decay")
+    p.add_argument("--no-batchnorm", action="store_true",
+                   help="no BatchNorm1d(affine=False) before the classifier (on by default, MAE recipe)")
+    p.add_argument("--paper", action="store_true",
+                   help="train on augmented images (random resized crop + flip) through the frozen encoder, SGD + "
+                        "cosine (DINO/MAE protocol). Slow on CPU: a GPU recipe option")
+    p.add_argument("--lr", type=float, default=linear_mod.PAPER_LR, help="--paper: lr for batch 256 (scaled linearly)")
+    p.set_defaults(func=cmd_linear)
+
+    p = subparsers.add_parser("retrieval", help="image retrieval with FAISS (mAP@R, recall@k)",
+                              description="Eval-split queries against the train-split gallery. Label metrics after "
+                                          "Musgrave et al. 2020 (mAP@R, R-precision, recall@k, precision@k); "
+                                          "approximate indexes also report recall of exact neighbours and speed-up.")
+    _common(p)
+    _plots(p)
+    p.add_argument("--index", default=retrieval_mod.DEFAULT_INDEX,
+                   help="FAISS factory string: Flat | IVF<nlist>,Flat | HNSW<M> | IVF<nlist>,PQ<m>")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help=f"IVF lists searched (default {retrieval_mod.DEFAULT_NPROBE}; = nlist is exact)")
+    p.add_argument("--ef-search", type=int, default=retrieval_mod.DEFAULT_EF_SEARCH, help="HNSW search breadth")
+    p.add_argument("--ks", type=int, nargs="+", default=list(retrieval_mod.DEFAULT_KS), help="recall@k cut-offs")
+    p.set_defaults(func=cmd_retrieval)
+
+    p = subparsers.add_parser("copy", help="copy detection: find the source of augmented copies",
+                              description="Queries are strongly augmented copies (crop, colour jitter, blur, JPEG) of "
+                                          "eval-split images; reports mAP and recall@k of finding the source "
+                                          "(DINO copy-detection style).")
+    _common(p)
+    _plots(p)
+    p.add_argument("--index", default=retrieval_mod.DEFAULT_INDEX, help="FAISS factory string (see retrieval)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched")
+    p.add_argument("--num-queries", type=int, default=retrieval_mod.DEFAULT_COPY_QUERIES, help="copies to search for")
+    p.add_argument("--ks", type=int, nargs="+", default=list(retrieval_mod.DEFAULT_KS), help="recall@k cut-offs")
+    p.set_defaults(func=cmd_copy)
+
+
+def _opts(args: argparse.Namespace) -> dict[str, Any]:
+    return {"device": args.device, "batch_size": args.batch_size, "train_subset": args.train_subset,
+            "test_subset": args.test_subset, "use_cache": not args.no_cache, "cache_dir": args.cache_dir,
+            "seed": args.seed, "progress": not args.no_progress}
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"20": {"top1": x}} -> {"20/top1": x}``; lists (the linear sweep) are left out."""
+    flat: dict[str, Any] = {}
+    for key, val in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(val, dict):
+            flat.update(flatten_metrics(val, f"{name}/"))
+        elif not isinstance(val, list | tuple):
+            flat[name] = val
+    return flat
+
+
+def format_table(columns: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table: one row per metric, one column per evaluated feature source."""
+    names = list(columns)
+    rows = list(dict.fromkeys(k for col in columns.values() for k in col))
+    def fmt(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
+    cells = [[r, *(fmt(columns[n].get(r)) for n in names)] for r in rows]
+    header = ["metric", *names]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *cells)]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _run(kind: str, args: argparse.Namespace, kw: dict[str, Any]) -> int:
+    from sslkit.data.base import DataError
+    from sslkit.eval.report import RUNNERS, EvalError
+    from sslkit.registry import RegistryError
+    from sslkit.run import RunError
+
+    baselines = ["none", "pixels", "random"] if args.baseline == "all" else [args.baseline]
+    columns: dict[str, dict[str, Any]] = {}
+    paths: list[str] = []
+    try:
+        for b in baselines:
+            res = RUNNERS[kind](args.run, baseline=b, **kw, **_opts(args))
+            columns["encoder" if b == "none" else b] = flatten_metrics(res["metrics"])
+            paths.append(res["results_path"])
+    except (RunError, DataError, EvalError, RegistryError, retrieval_mod.IndexSpecError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_table(columns))
+    for p in paths:
+        print(f"results: {p}")
+    return 0
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    return _run("knn", args, {"k": args.k, "temperature": args.temperature, "plots": not args.no_plots})
+
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    return _run("linear", args, {"lrs": args.lrs, "weight_decays": args.wds, "epochs": args.epochs,
+                                 "linear_batch_size": args.linear_batch_size or None,
+                                 "val_fraction": args.val_fraction, "batchnorm": not args.no_batchnorm,
+                                 "paper": args.paper, "lr": args.lr})
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    return _run("retrieval", args, {"index": args.index, "nprobe": args.nprobe, "ef_search": args.ef_search,
+                                    "ks": args.ks, "plots": not args.no_plots})
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    return _run("copy", args, {"index": args.index, "nprobe": args.nprobe, "num_queries": args.num_queries,
+                               "ks": args.ks, "plots": not args.no_plots})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslkit eval", description="Evaluate a pretrained run's encoder.")
+    add_subcommands(parser.add_subparsers(dest="command", required=True, metavar="{knn,linear,retrieval,copy}"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

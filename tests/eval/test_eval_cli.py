@@ -1,0 +1,90 @@
+"""Smoke test: a hand-made tiny run directory evaluated through the library functions and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sslkit.config import resolve
+from sslkit.eval import cli
+from sslkit.eval.report import run_copy_detection, run_knn, run_linear, run_retrieval
+from sslkit.run import RunError, build_encoder, save_encoder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny-1"
+    run.mkdir()
+    cfg = resolve({"name": "tiny", "data": {"name": "synthetic", "args": {"num_samples": 64, "image_size": 32}},
+                   "encoder": {"name": "vit_tiny_patch4_32", "depth": 1}})
+    torch.manual_seed(0)
+    save_encoder(build_encoder(cfg), run / "encoder.safetensors")
+    OmegaConf.save(cfg, run / "config.yaml")
+    return run
+
+
+def _read(res):
+    data = json.loads(open(res["results_path"]).read())
+    assert data["metrics"] == json.loads(json.dumps(res["metrics"]))
+    return data
+
+
+def test_library_evaluations_write_results(run_dir):
+    knn = run_knn(run_dir, k=[5, 20], progress=False, max_plot_points=40)
+    data = _read(knn)
+    assert set(data["metrics"]) == {"5", "20"} and 0 <= data["metrics"]["20"]["top1"] <= 100
+    assert data["features"]["splits"]["train"]["size"] == 64 and data["features"]["image_size"] == 32
+    assert len(data["features"]["encoder_hash"]) == 64
+    assert (run_dir / "eval" / "knn" / "embedding_tsne.png").is_file()
+
+    ret = run_retrieval(run_dir / "encoder.safetensors", progress=False)  # a file inside the run works too
+    data = _read(ret)
+    assert {"map@r", "recall@1", "precision@10"} <= set(data["metrics"])
+    assert data["features"]["splits"]["train"]["from_cache"]  # the k-NN run cached them
+    assert (run_dir / "eval" / "retrieval" / "retrieval_grid.png").is_file()
+
+    lin = run_linear(run_dir, epochs=3, lrs=(0.1,), weight_decays=(0.0, 1e-4), progress=False)
+    data = _read(lin)
+    assert {"top1", "top5", "best", "sweep"} <= set(data["metrics"]) and len(data["metrics"]["sweep"]) == 2
+
+    report = (run_dir / "eval" / "report.md").read_text()
+    assert report.count("\n| ") >= 4 and "retrieval" in report and "linear" in report
+
+
+def test_baselines_and_copy_detection(run_dir):
+    pix = run_knn(run_dir, k=[10], baseline="pixels", plots=False, progress=False)
+    rnd = run_knn(run_dir, k=[10], baseline="random", plots=False, progress=False)
+    assert pix["results_path"].endswith("knn_pixels/results.json")
+    assert rnd["features"]["encoder_hash"] != pix["features"]["encoder_hash"]
+    copy = run_copy_detection(run_dir, num_queries=8, progress=False)
+    assert copy["metrics"]["num_queries"] == 8 and 0 <= copy["metrics"]["map"] <= 100
+
+
+def test_cli_commands(run_dir, capsys):
+    assert cli.main(["knn", str(run_dir), "--k", "5", "--no-plots", "--no-progress", "--baseline", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder" in out and "pixels" in out and "random" in out and "results:" in out
+    assert cli.main(["retrieval", str(run_dir), "--index", "IVF4,Flat", "--nprobe", "4", "--no-plots",
+                     "--no-progress", "--test-subset", "16"]) == 0
+    assert "map@r" in capsys.readouterr().out
+
+
+def test_cli_errors(run_dir, tmp_path, capsys):
+    assert cli.main(["knn", str(tmp_path / "missing"), "--no-progress"]) == cli.EXIT_USAGE
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["retrieval", str(run_dir), "--index", "IVF999,Flat", "--no-plots", "--no-progress"]) == 2
+    assert "nlist" in capsys.readouterr().err
+    with pytest.raises(RunError):
+        run_knn(tmp_path / "missing")
+
+
+def test_add_subcommands_into_a_parent_parser():
+    parser = argparse.ArgumentParser(prog="sslkit")
+    evals = parser.add_subparsers(dest="cmd").add_parser("eval").add_subparsers(dest="kind")
+    cli.add_subcommands(evals)
+    args = parser.parse_args(["eval", "copy", "runs/x", "--num-queries", "5", "--baseline", "pixels"])
+    assert args.func is cli.cmd_copy and args.num_queries == 5 and args.baseline == "pixels"
