@@ -7,5 +7,6 @@ gives each view's side length so objectives can group same-size views into one f
 from sslkit.augment.base import ViewPipeline, eval_transform
 from sslkit.augment import simclr  # noqa: F401  (registration)
 from sslkit.augment import mae  # noqa: F401
+from sslkit.augment import multicrop  # noqa: F401
 
 __all__ = ["ViewPipeline", "eval_transform"]

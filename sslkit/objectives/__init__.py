@@ -7,5 +7,6 @@ section is validated against that dataclass. A new objective is one file here pl
 from sslkit.objectives.base import Objective
 from sslkit.objectives import simclr  # noqa: F401  (registration)
 from sslkit.objectives import mae  # noqa: F401
+from sslkit.objectives import dino  # noqa: F401
 
 __all__ = ["Objective"]

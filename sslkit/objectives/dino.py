@@ -1,0 +1,382 @@
+"""DINO (Caron et al., 2021, "Emerging Properties in Self-Supervised Vision Transformers", arXiv:2104.14294).
+
+Self-distillation with no labels. A student (encoder + DINO head) is trained to match the output
+distribution of a teacher on different crops of the same image. The teacher is an exponential moving
+average (EMA) of the student and gets no gradients. Collapse is avoided by *centering* (subtract a running
+mean of the teacher's outputs) and *sharpening* (a low teacher temperature).
+
+Per step, following the paper's Algorithm 1 and the official code (facebookresearch/dino, main_dino.py)::
+
+    t = teacher(global crops)                      # (2, B, K), no gradients
+    s = student(all crops)                         # (V, B, K), one forward per resolution
+    loss = mean over pairs (i, j), i != j, of  H(softmax((t_i - C) / tau_t), softmax(s_j / tau_s))
+    C <- m_c C + (1 - m_c) mean(t)                 # averaged over all ranks
+    ... backward, drop the last layer's gradients while it is frozen, optimiser step ...
+    teacher <- m teacher + (1 - m) student         # m: cosine from 0.996 to 1 over training
+
+Schedules are functions of the global step, so a run resumed from ``state_dict()`` (which holds the
+teacher and the center) continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from sslkit.encoders import Encoder
+from sslkit.objectives.base import Objective
+from sslkit.registry import OBJECTIVES
+
+HEAD_INIT_STD = 0.02  # truncated-normal std of the head's MLP weights (official DINOHead._init_weights)
+FREEZE_UNITS = ("epochs", "steps")
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+def _stack(views: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """A list of V tensors (B, K), or an already stacked (V, B, K) tensor -> float32 (V, B, K)."""
+    out = views if isinstance(views, torch.Tensor) else torch.stack(list(views))
+    if out.ndim != 3:
+        raise ValueError(f"expected views of shape (B, K) or a stack (V, B, K), got {tuple(out.shape)}")
+    return out.float()
+
+
+def dino_loss(teacher_out: Sequence[torch.Tensor] | torch.Tensor, student_out: Sequence[torch.Tensor] | torch.Tensor,
+              center: torch.Tensor, teacher_temp: float, student_temp: float = 0.1) -> torch.Tensor:
+    """DINO's cross-entropy between centred, sharpened teacher and student distributions.
+
+    Paper: Caron et al. 2021, eq. (1)-(2) and Algorithm 1. Teacher view ``i`` and student view ``j`` form a
+    pair unless ``i == j`` (the same crop): the teacher sees the global crops, which are the student's first
+    views, so every global crop is matched against every *other* crop.
+
+    Args:
+        teacher_out: T tensors (B, K) or a stack (T, B, K): teacher head outputs (logits) of the global crops.
+        student_out: S tensors (B, K) or a stack (S, B, K): student head outputs of all crops, globals first.
+        center: (K,), (1, K) or (1, 1, K) running mean of the teacher outputs.
+        teacher_temp: sharpening temperature of the teacher softmax (0.04 -> 0.07 in the paper).
+        student_temp: temperature of the student softmax (0.1 in the paper).
+
+    Returns:
+        Scalar: ``sum_{i != j} mean_b -<softmax((t_i - C)/tau_t), log_softmax(s_j/tau_s)> / n_pairs``.
+
+    Example:
+        >>> t = [torch.randn(8, 256) for _ in range(2)]
+        >>> s = [torch.randn(8, 256) for _ in range(6)]
+        >>> loss = dino_loss(t, s, center=torch.zeros(256), teacher_temp=0.04)
+    """
+    t = _stack(teacher_out)  # (T, B, K)
+    s = _stack(student_out)  # (S, B, K)
+    if t.shape[1:] != s.shape[1:]:
+        raise ValueError(f"teacher {tuple(t.shape)} and student {tuple(s.shape)} outputs differ in (B, K)")
+    with torch.autocast(t.device.type, enabled=False):  # fp32 even under bf16 autocast: sums over K terms
+        t_prob = F.softmax((t - center.reshape(1, 1, -1).float()) / teacher_temp, dim=-1)  # (T, B, K)
+        s_logp = F.log_softmax(s / student_temp, dim=-1)  # (S, B, K)
+        ce = -torch.einsum("tbk,sbk->ts", t_prob, s_logp) / t.shape[1]  # (T, S): batch-mean CE per pair
+    same_view = torch.eye(*ce.shape, dtype=torch.bool, device=ce.device)  # teacher view i is student view i
+    n_pairs = ce.numel() - int(same_view.sum())
+    if n_pairs == 0:
+        raise ValueError(f"dino_loss needs at least one pair of different views; got {t.shape[0]} teacher and "
+                         f"{s.shape[0]} student view(s)")
+    return ce.masked_fill(same_view, 0.0).sum() / n_pairs
+
+
+@torch.no_grad()
+def batch_center(teacher_out: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """Mean teacher output over views and samples -> (1, K), averaged over all ranks when distributed.
+
+    Every rank holds the same number of samples, so the mean of the per-rank means is the mean over the
+    global batch (the official code all-reduces the sum and divides by ``T * B * world_size``).
+    """
+    mean = _stack(teacher_out).mean(dim=(0, 1)).unsqueeze(0)  # (1, K)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(mean)
+        mean = mean / dist.get_world_size()
+    return mean
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_out: Sequence[torch.Tensor] | torch.Tensor,
+                  momentum: float = 0.9) -> torch.Tensor:
+    """EMA of the teacher's batch mean: ``momentum * center + (1 - momentum) * mean(teacher_out)``.
+
+    Args:
+        center: (1, K) current center (other shapes with K elements are kept as they are).
+        teacher_out: T tensors (B, K) or a stack (T, B, K), the teacher outputs the loss was computed with.
+        momentum: the center momentum m_c (0.9 in the paper).
+
+    Returns:
+        The new center, same shape and dtype as ``center``.
+
+    Example:
+        >>> c = update_center(torch.zeros(1, 256), [torch.randn(8, 256)] * 2, momentum=0.9)
+    """
+    new = center.float() * momentum + batch_center(teacher_out).reshape(center.shape) * (1.0 - momentum)
+    return new.to(center.dtype)
+
+
+@torch.no_grad()
+def teacher_entropy(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """Mean entropy (nats) of the centred, sharpened teacher distribution; a collapse monitor.
+
+    Near ``log K``: uniform collapse (centering dominates); near 0: one-hot collapse (sharpening dominates).
+    """
+    logp = F.log_softmax((_stack(teacher_out) - center.reshape(1, 1, -1).float()) / teacher_temp, dim=-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+# --------------------------------------------------------------------------------------------- schedules
+
+
+def teacher_temp_at(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """Teacher temperature at ``step``: linear from ``start`` to ``end`` over ``warmup_steps``, then ``end``.
+
+    Per step rather than per epoch (the official code steps once per epoch), so short runs warm up smoothly.
+    """
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+def ema_momentum_at(step: int, total_steps: int, start: float, end: float = 1.0) -> float:
+    """Teacher EMA momentum at ``step``: cosine from ``start`` (step 0) towards ``end`` (step ``total_steps``).
+
+    ``end - (end - start) * (1 + cos(pi * step / total_steps)) / 2``, the official ``cosine_scheduler``.
+    """
+    progress = min(max(step, 0), total_steps) / total_steps
+    return end - (end - start) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+# --------------------------------------------------------------------------------------------- head
+
+
+class DINOHead(nn.Module):
+    """Projection head: MLP -> L2 normalisation -> weight-normalised linear layer without bias.
+
+    Paper section 3.1 / appendix: 3 layers, hidden 2048, GELU, bottleneck 256, then K outputs.
+
+    Args:
+        in_dim: encoder feature size.
+        out_dim: K, the number of output "prototypes".
+        hidden_dim, bottleneck_dim, num_layers: MLP shape (``num_layers`` linear layers before the last layer).
+        use_bn: BatchNorm after each hidden linear layer (official: off for ViTs).
+        norm_last_layer: fix the weight-norm magnitude g to 1 (not trainable), so only directions are learnt.
+
+    Example:
+        >>> head = DINOHead(192, 4096)
+        >>> head(torch.randn(8, 192)).shape
+        torch.Size([8, 4096])
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"DINO head needs at least one MLP layer, got num_layers={num_layers}")
+        layers: list[nn.Module] = []
+        d = in_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(d, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
+            d = hidden_dim
+        layers.append(nn.Linear(d, bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        self.mlp.apply(_init_linear)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        magnitude = self.last_layer.parametrizations.weight.original0  # g: (out_dim, 1)
+        with torch.no_grad():
+            magnitude.fill_(1.0)
+        magnitude.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_dim) -> (N, out_dim)."""
+        z = F.normalize(self.mlp(x), dim=-1)  # (N, bottleneck) on the unit sphere
+        return self.last_layer(z)
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=HEAD_INIT_STD)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def _strip_stochastic_depth(module: nn.Module) -> None:
+    """Turn off stochastic depth and dropout in place: DropPath -> Identity, Dropout p -> 0 (no state changes)."""
+    for name, child in list(module.named_children()):
+        if type(child).__name__ == "DropPath":  # timm's; Identity is what timm builds for drop_path_rate=0
+            setattr(module, name, nn.Identity())
+        elif isinstance(child, nn.modules.dropout._DropoutNd):
+            child.p = 0.0  # kept as a module: timm's attention reads `attn_drop.p`
+        else:
+            _strip_stochastic_depth(child)
+
+
+def size_groups(views: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` runs of consecutive views with the same (h, w), e.g. 2x224 + 10x96 -> [(0,2),(2,12)]."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(views) + 1):
+        if i == len(views) or views[i].shape[-2:] != views[start].shape[-2:]:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+def multicrop_forward(encoder: nn.Module, head: nn.Module, views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Encode crops with one encoder pass per resolution, then one head pass over all crops.
+
+    Args:
+        views: V tensors (B, 3, h_v, w_v); consecutive views of equal size are batched together.
+
+    Returns:
+        (V, B, K) head outputs, in the order of ``views``.
+    """
+    feats = [encoder(torch.cat(list(views[a:b]), dim=0)) for a, b in size_groups(views)]  # each (n_g * B, D)
+    out = head(torch.cat(feats, dim=0))  # (V * B, K)
+    return out.reshape(len(views), views[0].shape[0], -1)
+
+
+# --------------------------------------------------------------------------------------------- objective
+
+
+@dataclass
+class DINOConfig:
+    name: str = "dino"
+    # Head. K=65536 is the paper's ViT-S/ImageNet value; small data and models train faster and just as
+    # well with 4096-16384 (the head is then a small part of the cost). Larger K helps a little at scale.
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3  # linear layers before the weight-normalised last layer
+    head_use_bn: bool = False  # BatchNorm in the head MLP; official: off for ViTs (and it slows them)
+    # True fixes the last layer's norm to 1: more stable. False improves ViT-S slightly but can be unstable,
+    # especially with large models (official advice).
+    norm_last_layer: bool = True
+    # The last layer gets no updates for this long at the start: it stabilises early training. Official: 1
+    # epoch; raise it if the loss diverges early, 0 to disable.
+    freeze_last_layer: float = 1.0
+    freeze_last_layer_unit: str = "epochs"  # epochs | steps
+    # Temperatures. The student's 0.1 is rarely changed. The teacher's final temperature above 0.07 is
+    # unstable (official advice); 0.04 throughout is the safe default if 0.07 collapses.
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04  # teacher temperature at step 0
+    teacher_temp: float = 0.07  # teacher temperature after the warmup
+    warmup_teacher_temp_epochs: float = 30.0  # linear warmup per step over this many epochs (paper: 30 of 300)
+    # Teacher EMA momentum, cosine from `momentum_teacher` to `momentum_teacher_end` over all steps. 0.996
+    # suits batch 1024; with small batches (256) use a higher start such as 0.9995 (official advice); short
+    # runs on small data often need a *lower* start (e.g. 0.99) for the teacher to move at all.
+    momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0
+    center_momentum: float = 0.9  # EMA of the teacher's batch mean used for centering
+    num_global_views: int = 2  # leading views that are global crops (teacher input); multicrop makes 2
+    # The official teacher is built without stochastic depth (drop_path) even when the student has it.
+    teacher_stochastic_depth: bool = False
+
+
+@OBJECTIVES.register("dino", config=DINOConfig,
+                     help="DINO: self-distillation with an EMA teacher, centering and multi-crop (Caron et al. 2021)")
+class DINO(Objective):
+    """DINO objective: student encoder + head, EMA teacher, center buffer.
+
+    ``views`` are the multi-crop pipeline's output: ``num_global_views`` global crops (B, 3, H, H), then the
+    local crops (B, 3, h, h). ``forward(views, step)`` returns ``{"loss", "teacher_temp", "teacher_momentum",
+    "teacher_entropy"}``.
+
+    Example:
+        >>> obj = DINO(ENCODERS.build("vit_tiny_patch4_32", depth=2), DINOConfig(out_dim=1024))
+        >>> obj.setup_schedule(steps_per_epoch=100, total_steps=1000)
+        >>> out = obj([torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 4, step=0)
+    """
+
+    Config = DINOConfig
+    views = "multicrop"
+
+    def __init__(self, encoder: Encoder, cfg: DINOConfig) -> None:
+        super().__init__(encoder, cfg)
+        _validate(cfg)
+        self.head = DINOHead(encoder.dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                             cfg.head_layers, cfg.head_use_bn, cfg.norm_last_layer)
+        # Teacher: same architecture and initial weights; updated only by EMA, never by gradients.
+        self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(self.head)})
+        if not cfg.teacher_stochastic_depth:
+            _strip_stochastic_depth(self.teacher)
+        self.teacher.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # (1, K), in state_dict for exact resume
+
+    # ----- schedules (pure functions of the global step)
+
+    @property
+    def freeze_last_layer_steps(self) -> int:
+        c = self.cfg
+        per = self.steps_per_epoch if c.freeze_last_layer_unit == "epochs" else 1
+        return int(round(c.freeze_last_layer * per))
+
+    def teacher_temp(self, step: int) -> float:
+        warmup = int(round(self.cfg.warmup_teacher_temp_epochs * self.steps_per_epoch))
+        return teacher_temp_at(step, warmup, self.cfg.warmup_teacher_temp, self.cfg.teacher_temp)
+
+    def momentum(self, step: int) -> float:
+        return ema_momentum_at(step, self.total_steps, self.cfg.momentum_teacher, self.cfg.momentum_teacher_end)
+
+    # ----- training step
+
+    def forward(self, views: list[torch.Tensor], step: int = 0) -> dict[str, torch.Tensor]:
+        n_global = self.cfg.num_global_views
+        if len(views) < n_global or len(size_groups(views[:n_global])) != 1:
+            raise ValueError(f"DINO expects {n_global} same-size global views first, got sizes "
+                             f"{[tuple(v.shape[-2:]) for v in views]}. Use augment.name=multicrop.")
+        with torch.no_grad():
+            t_out = multicrop_forward(self.teacher["encoder"], self.teacher["head"], views[:n_global])  # (2, B, K)
+        s_out = multicrop_forward(self.encoder, self.head, views)  # (V, B, K)
+        temp = self.teacher_temp(step)
+        loss = dino_loss(t_out, s_out, self.center, temp, self.cfg.student_temp)
+        entropy = teacher_entropy(t_out, self.center, temp)
+        if self.training:  # after the loss: this step used the previous center (as in the paper)
+            self.center.copy_(update_center(self.center, t_out, self.cfg.center_momentum))
+        scalar = lambda x: torch.tensor(x, device=loss.device)  # noqa: E731
+        return {"loss": loss, "teacher_temp": scalar(temp), "teacher_momentum": scalar(self.momentum(step)),
+                "teacher_entropy": entropy}
+
+    def on_after_backward(self, step: int) -> None:
+        """While frozen, drop the last layer's gradients (None, so AdamW's weight decay skips it too)."""
+        if step < self.freeze_last_layer_steps:
+            for p in self.head.last_layer.parameters():
+                p.grad = None
+
+    @torch.no_grad()
+    def on_step_end(self, step: int) -> None:
+        """teacher <- m * teacher + (1 - m) * student, with this step's momentum."""
+        m = self.momentum(step)
+        teacher = [*self.teacher["encoder"].parameters(), *self.teacher["head"].parameters()]
+        student = [*self.encoder.parameters(), *self.head.parameters()]
+        torch._foreach_mul_(teacher, m)
+        torch._foreach_add_(teacher, [p.detach() for p in student], alpha=1.0 - m)
+
+    def eval_encoder(self) -> Encoder:
+        return self.teacher["encoder"]
+
+
+def _validate(cfg: DINOConfig) -> None:
+    positive = {"out_dim": cfg.out_dim, "head_hidden_dim": cfg.head_hidden_dim,
+                "head_bottleneck_dim": cfg.head_bottleneck_dim, "student_temp": cfg.student_temp,
+                "teacher_temp": cfg.teacher_temp, "warmup_teacher_temp": cfg.warmup_teacher_temp,
+                "num_global_views": cfg.num_global_views}
+    for k, v in positive.items():
+        if v <= 0:
+            raise ValueError(f"objective.{k} must be > 0, got {v}")
+    if cfg.freeze_last_layer_unit not in FREEZE_UNITS:
+        raise ValueError(f"objective.freeze_last_layer_unit must be one of {FREEZE_UNITS}, "
+                         f"got {cfg.freeze_last_layer_unit!r}")
+    for k in ("momentum_teacher", "momentum_teacher_end", "center_momentum"):
+        if not 0.0 <= getattr(cfg, k) <= 1.0:
+            raise ValueError(f"objective.{k} must be in [0, 1], got {getattr(cfg, k)}")
+    if cfg.freeze_last_layer < 0 or cfg.warmup_teacher_temp_epochs < 0:
+        raise ValueError("objective.freeze_last_layer and objective.warmup_teacher_temp_epochs must be >= 0")
