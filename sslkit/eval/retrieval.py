@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -144,24 +144,29 @@ def set_search_params(index, *, nprobe: int | None = None, ef_search: int | None
         index.hnsw.efSearch = int(ef_search)
 
 
-def search(index, queries: np.ndarray, depth: int, *, ef_search: int = DEFAULT_EF_SEARCH,
-           chunk_entries: int = MAX_CHUNK_ENTRIES) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
-    """Top-``depth`` neighbours of ``queries`` ``(Q, D)``: ``(sims (Q, depth) float32, ids (Q, depth) int64)``.
+def iter_search(index, queries: np.ndarray, depth: int, *, ef_search: int = DEFAULT_EF_SEARCH,
+                chunk_entries: int = MAX_CHUNK_ENTRIES) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:  # noqa: ANN001
+    """Yield ``(start, sims (q, depth), ids (q, depth))`` for chunks of ``chunk_entries // depth`` queries.
 
-    Queries are searched in chunks of ``chunk_entries // depth``; missing neighbours have id -1.
+    ``depth`` is clipped to the index size; missing neighbours have id -1.
     """
     depth = max(1, min(depth, int(index.ntotal)))
     if hasattr(index, "hnsw"):
         index.hnsw.efSearch = max(ef_search, depth)  # HNSW returns at most efSearch results
     chunk = max(1, chunk_entries // depth)
-    sims, ids = [], []
     for start in range(0, len(queries), chunk):
-        s, i = index.search(np.ascontiguousarray(queries[start:start + chunk]), depth)
-        sims.append(s)
-        ids.append(i)
-    if not sims:
-        return np.zeros((0, depth), np.float32), np.zeros((0, depth), np.int64)
-    return np.concatenate(sims), np.concatenate(ids)
+        sims, ids = index.search(np.ascontiguousarray(queries[start:start + chunk]), depth)
+        yield start, sims, ids
+
+
+def search(index, queries: np.ndarray, depth: int, *, ef_search: int = DEFAULT_EF_SEARCH,
+           chunk_entries: int = MAX_CHUNK_ENTRIES) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+    """Top-``depth`` neighbours of ``queries`` ``(Q, D)``: ``(sims (Q, depth) float32, ids (Q, depth) int64)``."""
+    parts = list(iter_search(index, queries, depth, ef_search=ef_search, chunk_entries=chunk_entries))
+    if not parts:
+        d = max(1, min(depth, int(index.ntotal)))
+        return np.zeros((0, d), np.float32), np.zeros((0, d), np.int64)
+    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
 
 
 def index_memory_bytes(index) -> int | None:  # noqa: ANN001
@@ -203,33 +208,50 @@ def average_precision_at_r(relevant: np.ndarray, r: np.ndarray) -> np.ndarray:
     return (precision * rel).sum(axis=1) / r
 
 
-def label_metrics(ids: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
-                  ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """mAP@R, R-precision, recall@k and precision@k (in %) from retrieved ``ids`` ``(Q, depth)``.
+def relevant_counts(query_labels: np.ndarray, gallery_labels: np.ndarray) -> np.ndarray:
+    """R per query: how many gallery items share its label. ``(Q,)``."""
+    top = int(max(query_labels.max(initial=0), gallery_labels.max(initial=0))) + 1
+    counts = np.bincount(gallery_labels[gallery_labels >= 0], minlength=top)
+    return np.where(query_labels >= 0, counts[np.clip(query_labels, 0, None)], 0)
 
-    ``depth`` must be at least max(R) for mAP@R to be exact (:func:`retrieval_metrics` ensures it).
+
+def per_query_label_stats(ids: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                          ks: Sequence[int] = DEFAULT_KS) -> dict[str, np.ndarray]:
+    """Per-query AP@R, R-precision (NaN where R = 0), recall@k and precision@k (fractions), each ``(Q,)``.
+
+    ``ids`` ``(Q, depth)`` must reach depth >= max(R) for AP@R to be exact.
     """
     gallery_labels = np.asarray(gallery_labels, dtype=np.int64)
     query_labels = np.asarray(query_labels, dtype=np.int64)
-    counts = np.bincount(gallery_labels[gallery_labels >= 0], minlength=int(max(query_labels.max(initial=0),
-                                                                                gallery_labels.max(initial=0))) + 1)
-    r = np.where(query_labels >= 0, counts[np.clip(query_labels, 0, None)], 0)  # (Q,)
+    r = relevant_counts(query_labels, gallery_labels)  # (Q,)
     relevant = _neighbour_labels(ids, gallery_labels) == query_labels[:, None]  # (Q, depth)
-    out: dict[str, float] = {}
     has = r > 0
-    if has.any():
-        ap = average_precision_at_r(relevant[has], r[has])
-        out["map@r"] = 100.0 * float(ap.mean())
-        first_r = relevant[has] & (np.arange(1, ids.shape[1] + 1)[None, :] <= r[has][:, None])
-        out["r_precision"] = 100.0 * float((first_r.sum(axis=1) / r[has]).mean())
-    else:
-        out["map@r"] = out["r_precision"] = 0.0
+    safe_r = np.maximum(r, 1)
+    first_r = relevant & (np.arange(1, ids.shape[1] + 1)[None, :] <= r[:, None])  # (Q, depth)
+    stats = {"map@r": np.where(has, average_precision_at_r(relevant, safe_r), np.nan),
+             "r_precision": np.where(has, first_r.sum(axis=1) / safe_r, np.nan)}
     for k in ks:
         top = relevant[:, :k]  # (Q, k)
-        out[f"recall@{k}"] = 100.0 * float(top.any(axis=1).mean()) if len(top) else 0.0
-        out[f"precision@{k}"] = 100.0 * float((top.sum(axis=1) / k).mean()) if len(top) else 0.0
-    out["num_queries_scored"] = int(has.sum())
+        stats[f"recall@{k}"] = top.any(axis=1).astype(np.float64)
+        stats[f"precision@{k}"] = top.sum(axis=1) / k
+    return stats
+
+
+def aggregate_label_stats(stats: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means over queries, in %; AP@R and R-precision over queries with R > 0 only."""
+    def mean_pct(v: np.ndarray) -> float:
+        v = v[~np.isnan(v)]
+        return 100.0 * float(v.mean()) if len(v) else 0.0
+
+    out = {name: mean_pct(v) for name, v in stats.items()}
+    out["num_queries_scored"] = int((~np.isnan(stats["map@r"])).sum())
     return out
+
+
+def label_metrics(ids: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
+                  ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """mAP@R, R-precision, recall@k and precision@k (in %) from retrieved ``ids`` ``(Q, depth)``."""
+    return aggregate_label_stats(per_query_label_stats(ids, query_labels, gallery_labels, ks))
 
 
 def exact_overlap(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
@@ -248,7 +270,8 @@ def _timed_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float
 def retrieval_metrics(query_feats: torch.Tensor, query_labels: torch.Tensor, gallery_feats: torch.Tensor,
                       gallery_labels: torch.Tensor, *, index: str = DEFAULT_INDEX, ks: Sequence[int] = DEFAULT_KS,
                       nprobe: int | None = None, ef_search: int = DEFAULT_EF_SEARCH, exact_k: int = DEFAULT_EXACT_K,
-                      use_gpu: bool | None = None, return_ids: int = 0) -> dict:
+                      use_gpu: bool | None = None, return_ids: int = 0,
+                      chunk_entries: int = MAX_CHUNK_ENTRIES) -> dict:
     """Label-based retrieval metrics of ``query_feats`` ``(Q, D)`` against ``gallery_feats`` ``(N, D)``.
 
     Args:
@@ -257,6 +280,7 @@ def retrieval_metrics(query_feats: torch.Tensor, query_labels: torch.Tensor, gal
         nprobe, ef_search: search parameters of IVF and HNSW indexes.
         exact_k: for approximate indexes, the k of the comparison with exact search.
         return_ids: also return the top-``return_ids`` ids (``"ids"``, ``(Q, return_ids)`` NumPy) for plots.
+        chunk_entries: queries x depth per search call (memory bound; results do not depend on it).
 
     Returns:
         ``{"map@r", "r_precision", "recall@k", "precision@k", "num_queries_scored", "index", "build_seconds",
@@ -274,14 +298,25 @@ def retrieval_metrics(query_feats: torch.Tensor, query_labels: torch.Tensor, gal
     t0 = time.perf_counter()
     idx = build_index(gallery, index, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu)
     build_s = time.perf_counter() - t0
-    counts = np.bincount(g_labels[g_labels >= 0]) if (g_labels >= 0).any() else np.zeros(1, np.int64)
-    max_r = int(counts[np.clip(q_labels, 0, len(counts) - 1)].max(initial=0)) if len(q_labels) else 0
+    max_r = int(relevant_counts(q_labels, g_labels).max(initial=0))
     depth = max(max(ks), max_r, return_ids, 1)
-    t0 = time.perf_counter()
-    _, ids = search(idx, queries, depth, ef_search=ef_search)
-    search_s = time.perf_counter() - t0
-    out: dict = label_metrics(ids, q_labels, g_labels, ks)
-    out.update({"index": index, "nprobe": getattr(faiss_ivf(idx), "nprobe", None), "search_depth": int(ids.shape[1]),
+    stats: dict[str, list[np.ndarray]] = {}
+    kept: list[np.ndarray] = []  # the top `return_ids` ids of each chunk
+    t0, metric_s, searched_depth = time.perf_counter(), 0.0, 0
+    for start, _, ids in iter_search(idx, queries, depth, ef_search=ef_search, chunk_entries=chunk_entries):  # chunks bound the (Q, R) memory
+        t1 = time.perf_counter()
+        chunk_stats = per_query_label_stats(ids, q_labels[start:start + len(ids)], g_labels, ks)
+        for name, v in chunk_stats.items():
+            stats.setdefault(name, []).append(v)
+        kept.append(ids[:, :return_ids])
+        searched_depth = ids.shape[1]
+        metric_s += time.perf_counter() - t1
+    search_s = time.perf_counter() - t0 - metric_s
+    if not stats:  # no queries
+        stats = per_query_label_stats(np.zeros((0, 1), np.int64), q_labels, g_labels, ks)  # type: ignore[assignment]
+    out: dict = aggregate_label_stats({name: np.concatenate(v) if isinstance(v, list) else v
+                                       for name, v in stats.items()})
+    out.update({"index": index, "nprobe": getattr(faiss_ivf(idx), "nprobe", None), "search_depth": searched_depth,
                 "build_seconds": build_s, "search_seconds": search_s,
                 "queries_per_second": len(queries) / search_s if search_s > 0 else float("inf")})
     if index != "Flat":
@@ -293,7 +328,7 @@ def retrieval_metrics(query_feats: torch.Tensor, query_labels: torch.Tensor, gal
         out["flat_search_seconds"], out["index_search_seconds"] = flat_s, approx_s
         out["speedup"] = flat_s / approx_s if approx_s > 0 else float("inf")
     if return_ids:
-        out["ids"] = ids[:, :return_ids]
+        out["ids"] = np.concatenate(kept) if kept else np.zeros((0, return_ids), np.int64)
     return out
 
 

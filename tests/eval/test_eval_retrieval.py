@@ -100,3 +100,14 @@ def test_make_copies_deterministic_and_different():
     assert a.shape == imgs.shape and a.dtype == torch.uint8
     assert torch.equal(a, b) and not torch.equal(a, imgs)
     assert not torch.equal(make_copies(imgs, seed=2), a)
+
+
+def test_chunking_does_not_change_metrics():
+    gx, gy = _clustered(300, seed=7)
+    qx, qy = _clustered(37, seed=8)
+    whole = retrieval_metrics(qx, qy, gx, gy, return_ids=5)
+    for entries in (1, 70, 1000):  # 1 query per chunk, a few, many
+        part = retrieval_metrics(qx, qy, gx, gy, return_ids=5, chunk_entries=entries)
+        for key in ("map@r", "r_precision", "recall@5", "precision@10", "num_queries_scored"):
+            assert part[key] == pytest.approx(whole[key])
+        np.testing.assert_array_equal(part["ids"], whole["ids"])
