@@ -73,6 +73,7 @@ class TrainerConfig:
     log_every_steps: int = 10
     progress: bool = True
     threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    skip_nonfinite_steps: int = 0  # tolerate this many NaN/Inf losses or gradients (update skipped), then stop
 
 
 @dataclass

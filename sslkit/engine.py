@@ -401,6 +401,10 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
     knn_result = None
     every = cfg.trainer.checkpoint_every_steps
     stopped_early = False
+    bad_steps = 0
+    inner = getattr(dataset, "dataset", dataset)
+    if hasattr(inner, "bad_log"):
+        inner.bad_log = run_dir / "bad_files.txt"  # workers append the paths of unreadable files here
     while step < total_steps and epoch < epochs:
         sampler.set_epoch(epoch, start_batch)
         batch_in_epoch = start_batch
@@ -414,18 +418,21 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             out = model(views, step)
             loss = out["loss"]
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(_nonfinite_message(cfg, step, float(loss), lr_sched[step], run_dir))
-            fabric.backward(loss)
-            objective.on_after_backward(step)
-            if cfg.optim.clip_grad:
-                if cfg.optim.clip_mode == "per_param":
-                    clip_per_param(params, cfg.optim.clip_grad)
+            if _any_rank(fabric, not bool(torch.isfinite(loss.detach()))):
+                bad_steps = _nonfinite(cfg, bad_steps, step, "loss", float(loss.detach()), lr_sched[step], run_dir)
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                fabric.backward(loss)
+                objective.on_after_backward(step)
+                grad_norm = _clip_and_norm(fabric, cfg, model, optimizer, params)
+                if not bool(torch.isfinite(grad_norm)):  # gradients are already all-reduced: every rank agrees
+                    bad_steps = _nonfinite(cfg, bad_steps, step, "gradient norm", float(grad_norm), lr_sched[step],
+                                           run_dir)
+                    optimizer.zero_grad(set_to_none=True)
                 else:
-                    fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.clip_grad, error_if_nonfinite=False)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            objective.on_step_end(step)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    objective.on_step_end(step)
             step += 1
             batch_in_epoch += 1
             t1 = time.perf_counter()
@@ -478,12 +485,49 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         summary = {"steps": step, "total_steps": total_steps, "images_per_s": ips, "train_seconds": train_time,
                    "final_loss": last_loss, "peak_rss_gb": peak_rss_gb(), "world_size": world,
                    "precision": _resolve_precision(cfg), "knn": knn_result, "finished": not stopped_early}
+        bad_log = run_dir / "bad_files.txt"
+        if bad_log.is_file():
+            bad = sorted(set(bad_log.read_text().splitlines()))
+            summary["skipped_files"] = len(bad)
+            fabric.print(f"skipped {len(bad)} unreadable file(s) (listed in {bad_log}); first: {bad[:3]}")
         atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         fabric.print(f"{'stopped' if stopped_early else 'finished'} at step {step}: {ips:.1f} images/s, "
                      f"loss {last_loss:.4f}, peak memory {peak_rss_gb():.2f} GB")
         if knn_result is not None:
             fabric.print(_knn_line(knn_result))
     return TrainResult(run_dir, step, ips, last_loss, peak_rss_gb(), knn_result)
+
+
+def _any_rank(fabric, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (so all ranks take the same branch)."""
+    if fabric.world_size == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=fabric.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _clip_and_norm(fabric, cfg: DictConfig, model, optimizer, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Clip as the recipe says and return the total gradient norm (before clipping)."""
+    if cfg.optim.clip_grad and cfg.optim.clip_mode == "norm":
+        return fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.clip_grad, error_if_nonfinite=False)
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    if cfg.optim.clip_grad:
+        clip_per_param(params, cfg.optim.clip_grad)
+    return norm
+
+
+def _nonfinite(cfg: DictConfig, bad_steps: int, step: int, what: str, value: float, lr: float, run_dir: Path) -> int:
+    """Count a non-finite step; raise once more than ``trainer.skip_nonfinite_steps`` were seen."""
+    bad_steps += 1
+    if bad_steps > cfg.trainer.skip_nonfinite_steps:
+        raise NonFiniteLossError(_nonfinite_message(cfg, step, what, value, lr, run_dir, bad_steps))
+    print(f"warning: {what} is {value} at step {step}; skipped the update ({bad_steps}/"
+          f"{cfg.trainer.skip_nonfinite_steps} tolerated by trainer.skip_nonfinite_steps)", file=sys.stderr)
+    return bad_steps
 
 
 def _gather_objects(fabric, obj: Any) -> list[Any]:
@@ -503,10 +547,12 @@ def _progress(fabric, total_steps: int, step: int, global_batch: int):
                 dynamic_ncols=True, desc="pretrain", disable=None, file=sys.stderr)
 
 
-def _nonfinite_message(cfg: DictConfig, step: int, loss: float, lr: float, run_dir: Path) -> str:
+def _nonfinite_message(cfg: DictConfig, step: int, what: str, value: float, lr: float, run_dir: Path,
+                       bad_steps: int = 1) -> str:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     where = f"the last good checkpoint is {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
-    return (f"loss is {loss} at step {step} (lr {lr:.3g}, precision {_resolve_precision(cfg)}). Likely causes: a "
+    return (f"{what} is {value} at step {step} ({bad_steps} non-finite step(s), {cfg.trainer.skip_nonfinite_steps} "
+            f"tolerated; lr {lr:.3g}, precision {_resolve_precision(cfg)}). Likely causes: a "
             f"learning rate too high for this batch (lower optim.lr or lengthen optim.warmup_epochs), or fp16 "
             f"overflow (use bf16-mixed or 32-true); {where}.")
 

@@ -43,6 +43,7 @@ class ImageFolderDataset(ImageDataset):
     def __init__(self, files: list[Path], labels: list[int], classes: list[str], strict: bool, source: str):
         self.files, self._labels, self.classes, self.strict, self.source = files, labels, classes, strict, source
         self.bad: list[str] = []
+        self.bad_log: Path | None = None  # the engine points this at run_dir/bad_files.txt
 
     def __len__(self) -> int:
         return len(self.files)
@@ -62,6 +63,9 @@ class ImageFolderDataset(ImageDataset):
                                     "data.strict=false to skip unreadable files.") from e
                 if str(self.files[j]) not in self.bad:
                     self.bad.append(str(self.files[j]))
+                    if self.bad_log is not None:  # one short line per append: safe from several workers
+                        with open(self.bad_log, "a") as f:
+                            f.write(f"{self.files[j]}\n")
                     if len(self.bad) <= 5:
                         warnings.warn(f"skipping unreadable image {self.files[j]}: {e}", stacklevel=2)
         raise DataError(f"{self.source}: 64 unreadable images in a row from index {i}; first bad: {self.bad[:5]}")

@@ -1,0 +1,35 @@
+"""Fault-injection helpers: an objective that goes non-finite on chosen steps."""
+
+from dataclasses import dataclass, field
+
+from sslkit.objectives.simclr import SimCLR, SimCLRConfig
+from sslkit.registry import OBJECTIVES, load_all
+
+load_all()
+
+
+@dataclass
+class FaultySimCLRConfig(SimCLRConfig):
+    name: str = "faulty_simclr"
+    nan_loss_steps: list[int] = field(default_factory=list)  # the loss is NaN at these steps
+    inf_grad_steps: list[int] = field(default_factory=list)  # a gradient is Inf at these steps
+
+
+class FaultySimCLR(SimCLR):
+    Config = FaultySimCLRConfig
+    views = "pair"
+
+    def forward(self, views, step=0):
+        out = super().forward(views, step)
+        if step in self.cfg.nan_loss_steps:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    def on_after_backward(self, step):
+        if step in self.cfg.inf_grad_steps:
+            p = next(self.head.parameters())
+            p.grad.view(-1)[0] = float("inf")
+
+
+if "faulty_simclr" not in OBJECTIVES:
+    OBJECTIVES.register("faulty_simclr", config=FaultySimCLRConfig, help="test only")(FaultySimCLR)
