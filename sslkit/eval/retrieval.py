@@ -95,7 +95,8 @@ def nlist_of(spec: str) -> int | None:
 
 
 def build_index(gallery: np.ndarray, spec: str = DEFAULT_INDEX, *, nprobe: int | None = None,
-                ef_search: int = DEFAULT_EF_SEARCH, use_gpu: bool | None = None, seed: int = 0):  # noqa: ANN201
+                ef_search: int = DEFAULT_EF_SEARCH, use_gpu: bool | None = None, seed: int = 0,
+                train_size: int | None = None):  # noqa: ANN201
     """An inner-product FAISS index over ``gallery`` ``(N, D)`` float32 (L2-normalised by the caller).
 
     Args:
@@ -104,6 +105,8 @@ def build_index(gallery: np.ndarray, spec: str = DEFAULT_INDEX, *, nprobe: int |
         ef_search: HNSW search breadth.
         use_gpu: FAISS GPU (Flat and IVF only); None = when available.
         seed: seed of the k-means / PQ training.
+        train_size: train the quantisers on a random sample of this many vectors (None = all; FAISS itself
+            samples at most 256 per IVF list).
     """
     import faiss
 
@@ -122,7 +125,11 @@ def build_index(gallery: np.ndarray, spec: str = DEFAULT_INDEX, *, nprobe: int |
         ivf.cp.seed = seed
         ivf.nprobe = min(nprobe or DEFAULT_NPROBE, ivf.nlist)
     if not index.is_trained:
-        index.train(gallery)
+        sample = gallery
+        if train_size is not None and train_size < n:
+            rows = np.random.default_rng(seed).choice(n, size=train_size, replace=False)
+            sample = np.ascontiguousarray(gallery[np.sort(rows)])
+        index.train(sample)
     if not spec.startswith("HNSW"):
         index = to_gpu_if_available(index, use_gpu)
     index.add(gallery)
@@ -144,25 +151,31 @@ def set_search_params(index, *, nprobe: int | None = None, ef_search: int | None
         index.hnsw.efSearch = int(ef_search)
 
 
-def iter_search(index, queries: np.ndarray, depth: int, *, ef_search: int = DEFAULT_EF_SEARCH,
+def iter_search(index, queries: np.ndarray, depth: int, *,
                 chunk_entries: int = MAX_CHUNK_ENTRIES) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:  # noqa: ANN001
     """Yield ``(start, sims (q, depth), ids (q, depth))`` for chunks of ``chunk_entries // depth`` queries.
 
-    ``depth`` is clipped to the index size; missing neighbours have id -1.
+    ``depth`` is clipped to the index size; missing neighbours have id -1. An HNSW index's ``efSearch`` is
+    raised to ``depth`` when it is smaller (HNSW returns at most efSearch results).
     """
     depth = max(1, min(depth, int(index.ntotal)))
-    if hasattr(index, "hnsw"):
-        index.hnsw.efSearch = max(ef_search, depth)  # HNSW returns at most efSearch results
+    ef_before = index.hnsw.efSearch if hasattr(index, "hnsw") else None
+    if ef_before is not None and ef_before < depth:
+        index.hnsw.efSearch = depth
     chunk = max(1, chunk_entries // depth)
-    for start in range(0, len(queries), chunk):
-        sims, ids = index.search(np.ascontiguousarray(queries[start:start + chunk]), depth)
-        yield start, sims, ids
+    try:
+        for start in range(0, len(queries), chunk):
+            sims, ids = index.search(np.ascontiguousarray(queries[start:start + chunk]), depth)
+            yield start, sims, ids
+    finally:
+        if ef_before is not None:
+            index.hnsw.efSearch = ef_before
 
 
-def search(index, queries: np.ndarray, depth: int, *, ef_search: int = DEFAULT_EF_SEARCH,
+def search(index, queries: np.ndarray, depth: int, *,
            chunk_entries: int = MAX_CHUNK_ENTRIES) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """Top-``depth`` neighbours of ``queries`` ``(Q, D)``: ``(sims (Q, depth) float32, ids (Q, depth) int64)``."""
-    parts = list(iter_search(index, queries, depth, ef_search=ef_search, chunk_entries=chunk_entries))
+    parts = list(iter_search(index, queries, depth, chunk_entries=chunk_entries))
     if not parts:
         d = max(1, min(depth, int(index.ntotal)))
         return np.zeros((0, d), np.float32), np.zeros((0, d), np.int64)
@@ -303,7 +316,7 @@ def retrieval_metrics(query_feats: torch.Tensor, query_labels: torch.Tensor, gal
     stats: dict[str, list[np.ndarray]] = {}
     kept: list[np.ndarray] = []  # the top `return_ids` ids of each chunk
     t0, metric_s, searched_depth = time.perf_counter(), 0.0, 0
-    for start, _, ids in iter_search(idx, queries, depth, ef_search=ef_search, chunk_entries=chunk_entries):  # chunks bound the (Q, R) memory
+    for start, _, ids in iter_search(idx, queries, depth, chunk_entries=chunk_entries):  # chunks bound the (Q, R) memory
         t1 = time.perf_counter()
         chunk_stats = per_query_label_stats(ids, q_labels[start:start + len(ids)], g_labels, ks)
         for name, v in chunk_stats.items():

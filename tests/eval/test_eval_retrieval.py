@@ -111,3 +111,17 @@ def test_chunking_does_not_change_metrics():
         for key in ("map@r", "r_precision", "recall@5", "precision@10", "num_queries_scored"):
             assert part[key] == pytest.approx(whole[key])
         np.testing.assert_array_equal(part["ids"], whole["ids"])
+
+
+def test_hnsw_ef_search_is_respected_and_restored():
+    from sslkit.eval.knn import l2_normalize
+    from sslkit.eval.retrieval import build_index, search, set_search_params
+
+    gx, _ = _clustered(300, seed=9)
+    index = build_index(l2_normalize(gx), "HNSW32", ef_search=16)
+    assert index.hnsw.efSearch == 16
+    search(index, l2_normalize(gx[:3]), 50)  # deeper than efSearch: raised for the search only
+    assert index.hnsw.efSearch == 16
+    set_search_params(index, ef_search=40)
+    search(index, l2_normalize(gx[:3]), 10)
+    assert index.hnsw.efSearch == 40
