@@ -200,6 +200,29 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None) -> DictConf
     return cfg
 
 
+def _patch_size(encoder_name: str) -> int | None:
+    """Patch size of a ViT encoder from its name (``..._patch16_...``), None for CNNs."""
+    import re
+
+    m = re.search(r"patch(\d+)", encoder_name)
+    return int(m.group(1)) if m else None
+
+
+def _check_pipeline(cfg: DictConfig) -> None:
+    """Build the augmentation (cheap) so bad values fail here, and check view sizes against the patch size."""
+    try:
+        pipeline = AUGMENTATIONS.build(cfg.augment.name, **section_kwargs(cfg.augment))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"recipe section 'augment' ({cfg.augment.name}): {e}") from None
+    patch = _patch_size(cfg.encoder.name)
+    for size in getattr(pipeline, "view_sizes", []):
+        if size <= 0:
+            raise ConfigError(f"recipe section 'augment': view size {size} must be positive.")
+        if patch and size % patch:
+            raise ConfigError(f"recipe section 'augment': view size {size} is not divisible by the encoder's patch "
+                              f"size {patch} ({cfg.encoder.name}); use a multiple of {patch}.")
+
+
 def _cross_checks(cfg: DictConfig) -> None:
     from sslkit.registry import DATASETS
 
@@ -237,6 +260,7 @@ def _cross_checks(cfg: DictConfig) -> None:
         raise ConfigError(f"objective '{cfg.objective.name}' needs augment.name=multicrop, got {aug.name!r}.")
     if views == "single" and aug.get("num_views", 1) != 1:
         raise ConfigError(f"objective '{cfg.objective.name}' takes one view per image; set augment.name=mae.")
+    _check_pipeline(cfg)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictConfig:

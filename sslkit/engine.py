@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sslkit.config import section_kwargs
+from sslkit.config import ConfigError, section_kwargs
 from sslkit.data.loader import ResumableBatchSampler, ViewDataset
 from sslkit.registry import AUGMENTATIONS, ENCODERS, OBJECTIVES, load_all
 from sslkit.run import (
@@ -284,7 +284,11 @@ def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step
 
         dataset = subset_dataset(dataset, cfg.data.subset, seed=cfg.seed)
     pipeline = build_pipeline(cfg)
-    build_objective(cfg)  # fail fast on encoder/objective arguments
+    try:
+        build_objective(cfg)  # fail fast on encoder/objective arguments, before anything is written
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"recipe sections 'encoder'/'objective' ({cfg.encoder.name}, {cfg.objective.name}): "
+                          f"{e}") from None
 
     ckpt = None
     if resume is not None:

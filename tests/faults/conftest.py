@@ -13,6 +13,8 @@ class FaultySimCLRConfig(SimCLRConfig):
     name: str = "faulty_simclr"
     nan_loss_steps: list[int] = field(default_factory=list)  # the loss is NaN at these steps
     inf_grad_steps: list[int] = field(default_factory=list)  # a gradient is Inf at these steps
+    raise_on_rank: int = -1  # this rank raises RuntimeError at step `raise_at_step`
+    raise_at_step: int = 0
 
 
 class FaultySimCLR(SimCLR):
@@ -20,6 +22,11 @@ class FaultySimCLR(SimCLR):
     views = "pair"
 
     def forward(self, views, step=0):
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if rank == self.cfg.raise_on_rank and step == self.cfg.raise_at_step:
+            raise RuntimeError(f"injected failure on rank {rank} at step {step}")
         out = super().forward(views, step)
         if step in self.cfg.nan_loss_steps:
             out["loss"] = out["loss"] * float("nan")
