@@ -54,3 +54,13 @@ def test_resnet18_cifar_stem():
 def test_unknown_timm_model_is_named():
     with pytest.raises(ValueError, match="timm has no model 'resnet_nope'"):
         ENCODERS.build("timm:resnet_nope")
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch4_32", "vit_small_patch16_224"])
+def test_vit_avg_pool_uses_normalised_tokens(name):
+    enc = ENCODERS.build(name, pool="avg").eval()
+    x = torch.randn(2, 3, 32, 32)
+    cls, patches = enc.forward_tokens(x)
+    torch.testing.assert_close(enc(x), patches.mean(dim=1))
+    # LayerNorm output (affine at init: weight 1, bias 0) has zero mean and unit std per token.
+    torch.testing.assert_close(patches.mean(-1), torch.zeros(2, patches.shape[1]), atol=1e-5, rtol=0)

@@ -99,6 +99,9 @@ def resnet50(zero_init_residual: bool = True) -> Encoder:
 def _vit(name: str, pool: str, **kw) -> Encoder:
     kw.setdefault("dynamic_img_size", True)  # interpolate position embeddings for multi-crop sizes
     kw.setdefault("global_pool", "token" if pool == "token" else "avg")
+    # The final LayerNorm applies to every token (not timm's post-pool `fc_norm`), so forward_tokens, the
+    # pooled features and MAE's decoder all see normalised tokens, whichever pooling the recipe picks.
+    kw.setdefault("fc_norm", False)
     return Encoder(_timm(name, **kw), name, pool=pool)
 
 
@@ -108,7 +111,8 @@ def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192
     """ViT-Tiny for small images: 4x4 patches (64 tokens at 32 px, 49 at 28 px)."""
     model = VisionTransformer(img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=depth,
                               num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, drop_path_rate=drop_path_rate,
-                              dynamic_img_size=True, global_pool="token" if pool == "token" else "avg")
+                              dynamic_img_size=True, global_pool="token" if pool == "token" else "avg",
+                              fc_norm=False)  # final norm on every token; see _vit
     return Encoder(model, "vit_tiny_patch4_32", pool=pool)
 
 
