@@ -65,7 +65,7 @@ class TrainerConfig:
     devices: Any = 1  # int, or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto (DDP when several devices) | ddp | ddp_spawn | fsdp
-    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU; or 32-true | bf16-mixed | 16-mixed
+    precision: str = "auto"  # auto: bf16-mixed on GPU and on CPUs with native bf16, else 32-true
     channels_last: bool = True  # NHWC memory layout for CNN encoders
     compile: bool = False  # torch.compile the objective
     sync_batchnorm: bool = False

@@ -247,11 +247,21 @@ class TrainResult:
     knn: dict[str, float] | None
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _resolve_precision(cfg: DictConfig) -> str:
+    """``auto``: bf16 autocast on GPU and on CPUs with native bf16 (PERF_NOTES: about 1.5-2x), else fp32."""
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
     gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if gpu else "32-true"
+    return "bf16-mixed" if gpu or cpu_has_native_bf16() else "32-true"
 
 
 def make_fabric(cfg: DictConfig):

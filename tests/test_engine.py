@@ -99,3 +99,12 @@ def test_engine_ddp_gloo_two_processes(tiny_recipe):
     ckpt = load_checkpoint(result.run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"]), "ranks draw different randomness"
+
+
+def test_bf16_autocast_loss_curve_stays_close_to_fp32(tiny_recipe):
+    fp32 = train(resolve(tiny_recipe(name="fp32", trainer={"precision": "32-true"}))).run_dir
+    bf16 = train(resolve(tiny_recipe(name="bf16", trainer={"precision": "bf16-mixed"}))).run_dir
+    a, b = np.array(_losses(fp32)), np.array(_losses(bf16))
+    assert len(a) == len(b) == 8
+    assert not np.array_equal(a, b), "bf16 autocast must actually change the arithmetic"
+    np.testing.assert_allclose(b, a, rtol=0.02)
