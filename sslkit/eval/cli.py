@@ -37,6 +37,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="extract features again and do not write them (default: cache in RUN/features/)")
     p.add_argument("--cache-dir", default=None, help="feature cache folder (default: RUN/features/)")
     p.add_argument("--seed", type=int, default=0, help="subsets, random-encoder weights, copies, plots")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for feature extraction also on CPU (about 2x faster for CNNs on AVX-512 BF16 "
+                        "CPUs; features differ slightly and are cached separately). Always on with CUDA")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -108,7 +111,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 def _opts(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": args.device, "batch_size": args.batch_size, "train_subset": args.train_subset,
             "test_subset": args.test_subset, "use_cache": not args.no_cache, "cache_dir": args.cache_dir,
-            "seed": args.seed, "progress": not args.no_progress}
+            "seed": args.seed, "progress": not args.no_progress, "bf16": True if args.bf16 else None}
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, Any]:

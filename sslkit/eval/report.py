@@ -39,7 +39,7 @@ from sslkit.data.base import TensorImageDataset, subset_dataset
 from sslkit.eval import knn as knn_mod
 from sslkit.eval import linear as linear_mod
 from sslkit.eval import retrieval as retrieval_mod
-from sslkit.eval.features import FeatureSet, cached_features, default_device, encoder_hash
+from sslkit.eval.features import FeatureSet, cached_features, default_device, encoder_hash, use_bf16
 
 BASELINES = ("none", "pixels", "random")
 KINDS = ("knn", "linear", "retrieval", "copy")
@@ -106,6 +106,7 @@ class EvalContext:
     seed: int
     train_subset: int | None
     test_subset: int | None
+    bf16: bool | None = None
     encoder: nn.Module | None = None
     enc_hash: str = ""
     source: str = ""
@@ -134,6 +135,7 @@ class EvalContext:
         self._ensure_encoder(ds)
         return cached_features(self.encoder, ds, image_size=self.image_size, cache_dir=self.cache_dir, split=split,
                                batch_size=self.batch_size, progress=self.progress, enc_hash=self.enc_hash,
+                               bf16=self.bf16,
                                desc=f"{self.baseline if self.baseline != 'none' else 'encoder'} {split} features")
 
     def _ensure_encoder(self, ds: Dataset) -> None:
@@ -167,8 +169,19 @@ class EvalContext:
 def load_context(run_dir: str | Path, *, baseline: str = "none", device: str | torch.device | None = None,
                  batch_size: int | None = None, train_subset: int | None = None, test_subset: int | None = None,
                  use_cache: bool = True, cache_dir: str | Path | None = None, progress: bool = True,
-                 seed: int = DEFAULT_SEED) -> EvalContext:
-    """Resolve the run and the evaluation settings (the encoder is loaded on first use)."""
+                 seed: int = DEFAULT_SEED, bf16: bool | None = None) -> EvalContext:
+    """Resolve the run and the evaluation settings (the encoder is loaded on first use).
+
+    Args:
+        run_dir: a run directory, its ``-latest`` link, or a file inside it.
+        baseline: "none" (the run's encoder), "pixels" or "random".
+        device: where features are extracted (default: CUDA when available).
+        batch_size: extraction batch (default: the recipe's ``eval.batch_size``).
+        train_subset, test_subset: fixed random subsets of the train and eval splits.
+        use_cache, cache_dir: feature cache (default ``<run_dir>/features/``).
+        seed: subsets, random-encoder weights, copies, plots.
+        bf16: bf16 autocast for extraction (default: on CUDA only).
+    """
     from sslkit.run import eval_image_size, load_config, resolve_run_dir
 
     if baseline not in BASELINES:
@@ -181,7 +194,7 @@ def load_context(run_dir: str | Path, *, baseline: str = "none", device: str | t
     bs = int(batch_size or cfg.get("eval", {}).get("batch_size") or 512)
     cache = (Path(cache_dir) if cache_dir is not None else rd / "features") if use_cache else None
     return EvalContext(rd, cfg, baseline, eval_image_size(cfg), default_device(device), bs, cache, progress, seed,
-                       train_subset, test_subset)
+                       train_subset, test_subset, bf16)
 
 
 def _postprocess(ctx: EvalContext, reference: FeatureSet, *others: FeatureSet) -> list[torch.Tensor]:
@@ -263,6 +276,7 @@ def _finish(ctx: EvalContext, kind: str, metrics: dict, settings: dict, sets: di
         "kind": kind, "baseline": ctx.baseline, "run_dir": str(ctx.run_dir), "recipe": str(ctx.cfg.get("name", "")),
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "metrics": metrics, "settings": {**settings, "device": str(ctx.device), "batch_size": ctx.batch_size,
+                                         "bf16": use_bf16(ctx.device, ctx.bf16),
                                          "train_subset": ctx.train_subset, "test_subset": ctx.test_subset,
                                          "seed": ctx.seed},
         "features": ctx.provenance(sets),

@@ -53,3 +53,10 @@ def test_encoder_hash_tracks_weights_and_buffers():
     assert encoder_hash(a) == encoder_hash(b)
     b.net[1].running_mean.add_(1.0)
     assert encoder_hash(a) != encoder_hash(b)
+
+
+def test_precision_is_part_of_the_key(tmp_path):
+    enc, ds = TinyEncoder(), tiny_dataset(n=4)
+    fp32 = cached_features(enc, ds, image_size=12, cache_dir=tmp_path, progress=False)
+    bf16 = cached_features(enc, ds, image_size=12, cache_dir=tmp_path, progress=False, bf16=True)
+    assert not bf16.from_cache and fp32.path != bf16.path and enc.calls == 2

@@ -92,3 +92,12 @@ def test_empty_dataset_and_bad_batch():
     assert feats.shape == (0, 6) and labels.shape == (0,)
     with pytest.raises(ValueError, match="batch_size"):
         extract_features(enc, empty, image_size=8, batch_size=0, progress=False)
+
+
+def test_bf16_and_channels_last_close_to_fp32_and_layout_restored():
+    enc, ds = TinyEncoder(), tiny_dataset(n=6, channels=3)
+    ref, _ = extract_features(enc, ds, image_size=12, progress=False)
+    fast, _ = extract_features(enc, ds, image_size=12, progress=False, bf16=True)  # channels_last follows on CPU
+    torch.testing.assert_close(fast, ref, atol=0.05, rtol=0.05)
+    assert not torch.equal(fast, ref)  # it really ran in bf16
+    assert enc.net[0].weight.is_contiguous()  # memory format restored
