@@ -71,6 +71,9 @@ def test_cli_commands(run_dir, capsys):
     assert cli.main(["retrieval", str(run_dir), "--index", "IVF4,Flat", "--nprobe", "4", "--no-plots",
                      "--no-progress", "--test-subset", "16"]) == 0
     assert "map@r" in capsys.readouterr().out
+    assert cli.main(["linear", str(run_dir), "--paper", "--epochs", "1", "--no-progress", "--batch-size", "32"]) == 0
+    data = json.loads((run_dir / "eval" / "linear" / "results.json").read_text())
+    assert data["settings"]["path"] == "augmented images" and "top1" in data["metrics"]
 
 
 def test_cli_errors(run_dir, tmp_path, capsys):

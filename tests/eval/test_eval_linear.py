@@ -60,3 +60,18 @@ def test_helpers():
     assert topk_accuracy(logits, torch.tensor([1, 2])) == (50.0, 100.0)
     with pytest.raises(ValueError):
         split_train_val(10, 1.5)
+
+
+def test_paper_path_trains_head_and_keeps_encoder_frozen():
+    from sslkit.eval.linear import linear_probe_images
+    from test_eval_features import TinyEncoder, tiny_dataset
+
+    enc, ds = TinyEncoder(), tiny_dataset(n=24, size=12, channels=3)
+    enc.train()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    res = linear_probe_images(enc, ds, ds, image_size=12, epochs=2, batch_size=8, progress=False)
+    assert 0.0 <= res["top1"] <= res["top5"] <= 100.0 and res["train_loss"] == res["train_loss"]  # not NaN
+    assert res["settings"]["scaled_lr"] == pytest.approx(0.1 * 8 / 256)
+    after = enc.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics untouched
+    assert enc.training
