@@ -130,7 +130,13 @@ def time_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
 def bench_index(spec: str, gallery: np.ndarray, queries: np.ndarray, exact: np.ndarray, flat_s: float,
                 args: argparse.Namespace) -> list[dict[str, Any]]:
     """Build ``spec`` once and time its search at each setting; one row per setting."""
-    from sslkit.eval.retrieval import build_index, exact_overlap, index_memory_bytes, nlist_of, set_search_params
+    from sslkit.eval.retrieval import (
+        build_index,
+        exact_overlap,
+        index_memory_bytes,
+        nlist_of,
+        set_search_params,
+    )
 
     nlist = nlist_of(spec)
     t0 = time.perf_counter()

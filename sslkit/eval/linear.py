@@ -235,7 +235,7 @@ def linear_probe_images(encoder: nn.Module, train_dataset, test_dataset, *, imag
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from sslkit.eval.features import _Transformed, _autocast, _inference_mode, extract_features
+    from sslkit.eval.features import _autocast, _inference_mode, _Transformed, extract_features
 
     dev = _device(device)
     encoder.to(dev)

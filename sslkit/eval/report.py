@@ -49,6 +49,7 @@ RESULTS_NAME = "results.json"
 REPORT_HEADER = ("| date | eval | features | data (eval / train) | result | time | details |\n"
                  "|---|---|---|---|---|---|---|\n")
 PIXEL_FEATURES_VERSION = 1
+PIXEL_BASELINE_MAX_SIZE = 64  # pixel features of larger images are taken from a 64 px thumbnail (12k dims)
 
 
 class EvalError(ValueError):
@@ -116,6 +117,13 @@ class EvalContext:
     def eval_split(self) -> str:
         return str(self.cfg.data.get("eval_split", "test") or "test")
 
+    @property
+    def feature_image_size(self) -> int:
+        """Extraction resolution: the eval size, capped for the raw-pixel baseline."""
+        if self.baseline == "pixels":
+            return min(self.image_size, PIXEL_BASELINE_MAX_SIZE)
+        return self.image_size
+
     def dataset(self, split: str) -> Dataset:
         """The recipe's dataset for ``split`` ("train" or the eval split), subset as asked."""
         from sslkit.run import build_dataset
@@ -133,7 +141,7 @@ class EvalContext:
 
     def features_of(self, ds: Dataset, split: str) -> FeatureSet:
         self._ensure_encoder(ds)
-        return cached_features(self.encoder, ds, image_size=self.image_size, cache_dir=self.cache_dir, split=split,
+        return cached_features(self.encoder, ds, image_size=self.feature_image_size, cache_dir=self.cache_dir, split=split,
                                batch_size=self.batch_size, progress=self.progress, enc_hash=self.enc_hash,
                                bf16=self.bf16,
                                desc=f"{self.baseline if self.baseline != 'none' else 'encoder'} {split} features")
@@ -154,15 +162,16 @@ class EvalContext:
             self.enc_hash = encoder_hash(self.encoder)
             self.source = f"{self.cfg.encoder.name} (random init, seed {self.seed})"
         else:
-            channels = 1 if _is_grayscale(ds) else 3
-            self.encoder = PixelEncoder(self.image_size, channels)
+            channels, size = (1 if _is_grayscale(ds) else 3), self.feature_image_size
+            self.encoder = PixelEncoder(size, channels)
             self.enc_hash = f"pixels-v{PIXEL_FEATURES_VERSION}-c{channels}"
-            self.source = f"raw pixels ({channels}x{self.image_size}x{self.image_size}, mean-subtracted, L2-normalised)"
+            self.source = f"raw pixels ({channels}x{size}x{size}, mean-subtracted, L2-normalised)"
         self.encoder.to(self.device)
 
     def provenance(self, sets: dict[str, FeatureSet]) -> dict[str, Any]:
         return {"source": self.source, "baseline": self.baseline, "encoder": str(self.cfg.encoder.name),
-                "encoder_hash": self.enc_hash, "dataset": str(self.cfg.data.name), "image_size": self.image_size,
+                "encoder_hash": self.enc_hash, "dataset": str(self.cfg.data.name),
+                "image_size": self.feature_image_size,
                 "splits": {name: {"size": int(len(fs.labels)), **fs.provenance()} for name, fs in sets.items()}}
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from test_eval_features import TinyEncoder, tiny_dataset  # noqa: E402  (same test folder)
 
 from sslkit.eval.features import cached_features, encoder_hash
-
-from test_eval_features import TinyEncoder, tiny_dataset  # noqa: E402  (same test folder)
 
 
 def test_cache_reused_then_invalidated(tmp_path):

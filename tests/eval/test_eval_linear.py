@@ -63,8 +63,9 @@ def test_helpers():
 
 
 def test_paper_path_trains_head_and_keeps_encoder_frozen():
-    from sslkit.eval.linear import linear_probe_images
     from test_eval_features import TinyEncoder, tiny_dataset
+
+    from sslkit.eval.linear import linear_probe_images
 
     enc, ds = TinyEncoder(), tiny_dataset(n=24, size=12, channels=3)
     enc.train()

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from sslkit.eval.retrieval import (IndexSpecError, average_precision_at_r, copy_detection_metrics, make_copies,
-                                   retrieval_metrics)
+from sslkit.eval.retrieval import (
+    IndexSpecError,
+    average_precision_at_r,
+    copy_detection_metrics,
+    make_copies,
+    retrieval_metrics,
+)
 
 
 def unit(deg):
