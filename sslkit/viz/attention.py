@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -165,9 +166,14 @@ def dataset_images(cfg, n: int, image_size: int) -> tuple[torch.Tensor, list[str
     tf = eval_transform(image_size)
     n = min(n, len(ds))
     items = [ds[i] for i in range(n)]
-    names = [f"{cfg.data.name}_{i:04d}_{ds.classes[label] if 0 <= label < len(ds.classes) else label}"
+    names = [_file_safe(f"{cfg.data.name}_{i:04d}_{ds.classes[label] if 0 <= label < len(ds.classes) else label}")
              for i, (_, label) in enumerate(items)]
     return torch.stack([tf(img) for img, _ in items]), names
+
+
+def _file_safe(name: str) -> str:
+    """Class names such as "T-shirt/top" as file names: "T-shirt_top"."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
