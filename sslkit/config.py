@@ -39,6 +39,10 @@ class DataConfig:
     batch_size: int = 256  # per device; the global batch is batch_size * devices * num_nodes
     num_workers: int = 2  # DataLoader worker processes making the views
     eval_split: str = "test"  # split used by the k-NN monitor and the final evaluation
+    # Where views are made. batched: uint8 batches go to the device and views are made there in a few batched
+    # ops (needs same-size images, i.e. an in-memory dataset); per_image: torchvision in the loader workers.
+    # auto: batched for in-memory datasets, per_image otherwise.
+    augment_backend: str = "auto"
 
 
 @dataclass
@@ -243,7 +247,8 @@ def _cross_checks(cfg: DictConfig) -> None:
                "optim.clip_mode": (cfg.optim.clip_mode, ("norm", "per_param")),
                "trainer.precision": (cfg.trainer.precision, ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")),
                "trainer.accelerator": (cfg.trainer.accelerator, ("auto", "cpu", "gpu", "cuda")),
-               "data.eval_split": (cfg.data.eval_split, ("train", "test"))}
+               "data.eval_split": (cfg.data.eval_split, ("train", "test")),
+               "data.augment_backend": (cfg.data.augment_backend, ("auto", "batched", "per_image"))}
     for k, (v, valid) in choices.items():
         if v not in valid:
             raise ConfigError(f"recipe key '{k}': {v!r} is not one of {', '.join(valid)}.")

@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sslkit.config import ConfigError, section_kwargs
-from sslkit.data.loader import ResumableBatchSampler, ViewDataset
+from sslkit.data.loader import ResumableBatchSampler, ViewDataset, batch_generator
 from sslkit.registry import AUGMENTATIONS, ENCODERS, OBJECTIVES, load_all
 from sslkit.run import (
     RunError,
@@ -42,6 +42,7 @@ from sslkit.run import (
 )
 
 CHECKPOINT_VERSION = 1
+WARMUP_STEPS_EXCLUDED = 2
 RUN_DIR_ENV = "SSLKIT_RUN_DIR"  # lets DDP children started by the launcher agree on the run directory
 
 
@@ -91,6 +92,18 @@ def build_objective(cfg: DictConfig) -> torch.nn.Module:
 def build_pipeline(cfg: DictConfig):
     load_all()
     return AUGMENTATIONS.build(cfg.augment.name, **section_kwargs(cfg.augment))
+
+
+def augment_backend(cfg: DictConfig, dataset) -> str:
+    """``data.augment_backend`` resolved: ``auto`` is batched for in-memory (same-size) datasets."""
+    choice = cfg.data.augment_backend
+    in_memory = hasattr(getattr(dataset, "dataset", dataset), "images")
+    if choice == "batched" and not in_memory:
+        raise ConfigError("data.augment_backend=batched needs same-size in-memory images (fashion_mnist, cifar, "
+                          "synthetic); use per_image for image folders.")
+    if choice == "auto":
+        return "batched" if in_memory else "per_image"
+    return choice
 
 
 def build_optimizer(cfg: DictConfig, objective: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -377,8 +390,13 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
 
     forward_module = torch.compile(objective) if cfg.trainer.compile else objective
     model, optimizer = fabric.setup(forward_module, optimizer, move_to_device=True)
+    batched = None
+    if augment_backend(cfg, dataset) == "batched":
+        from sslkit.augment.batched import batched_pipeline
+
+        batched = batched_pipeline(cfg.augment.name, **section_kwargs(cfg.augment))
     loader = torch.utils.data.DataLoader(
-        ViewDataset(dataset, pipeline), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        ViewDataset(dataset, None if batched else pipeline), batch_sampler=sampler, num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0, pin_memory=fabric.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG out of worker seeding
     )
@@ -390,7 +408,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         _link_latest(run_dir, cfg.name)
         logs = MetricsLog(run_dir, step if ckpt is not None else None)
         fabric.print(f"run directory: {run_dir}  ({total_steps} steps, {steps_per_epoch}/epoch, global batch "
-                     f"{global_batch}, lr {peak_lr:.3g}, precision {_resolve_precision(cfg)}, {world} process(es))")
+                     f"{global_batch}, lr {peak_lr:.3g}, precision {_resolve_precision(cfg)}, {world} process(es), "
+                     f"{'batched' if batched else 'per-image'} augmentation)")
     fabric.barrier()
 
     def save_checkpoint(batch_in_epoch: int, ep: int) -> None:
@@ -412,6 +431,9 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
     bar = _progress(fabric, total_steps, step, global_batch)
     last_loss = float("nan")
     images, train_time = 0, 0.0
+    warm = WARMUP_STEPS_EXCLUDED  # steady-state throughput skips the first steps (worker start-up, allocator warm-up)
+    steady_images, steady_time, data_wait = 0, 0.0, 0.0
+    start_step = step
     knn_result = None
     every = cfg.trainer.checkpoint_every_steps
     stopped_early = False
@@ -424,10 +446,15 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         batch_in_epoch = start_batch
         t0 = time.perf_counter()
         for views, _labels in loader:
+            t_data = time.perf_counter()
             for g in optimizer.param_groups:
                 g["lr"] = float(lr_sched[step])
                 g["weight_decay"] = float(wd_sched[step]) * g["wd_mult"]
-            views = [v.to(fabric.device, non_blocking=True) for v in views]
+            if batched is not None:  # uint8 batch -> views made on the device
+                g = batch_generator(cfg.seed, epoch, batch_in_epoch, rank)
+                views = batched(views.to(fabric.device, non_blocking=True), generator=g)
+            else:
+                views = [v.to(fabric.device, non_blocking=True) for v in views]
             if channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             out = model(views, step)
@@ -452,6 +479,10 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
             t1 = time.perf_counter()
             train_time += t1 - t0
             images += global_batch
+            if step > start_step + warm:
+                steady_time += t1 - t0
+                steady_images += global_batch
+                data_wait += t_data - t0
             last_loss = float(loss.detach())
             if bar is not None:
                 bar.update(global_batch)
@@ -488,6 +519,7 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         bar.close()
 
     ips = images / max(train_time, 1e-9)
+    steady_ips = steady_images / steady_time if steady_time > 0 else ips
     if not stopped_early and fabric.is_global_zero:
         save_encoder(objective.eval_encoder(), run_dir / "encoder.safetensors")
     if not stopped_early and cfg.eval.final_knn:
@@ -496,7 +528,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         if knn_result is not None:
             logs.log(step, {"knn_top1": knn_result["top1"], "knn_top5": knn_result["top5"]})
         logs.close()
-        summary = {"steps": step, "total_steps": total_steps, "images_per_s": ips, "train_seconds": train_time,
+        summary = {"steps": step, "total_steps": total_steps, "images_per_s": ips, "steady_images_per_s": steady_ips,
+                   "data_wait_share": data_wait / steady_time if steady_time > 0 else None, "train_seconds": train_time,
                    "final_loss": last_loss, "peak_rss_gb": peak_rss_gb(), "world_size": world,
                    "precision": _resolve_precision(cfg), "knn": knn_result, "finished": not stopped_early}
         bad_log = run_dir / "bad_files.txt"
@@ -505,7 +538,7 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
             summary["skipped_files"] = len(bad)
             fabric.print(f"skipped {len(bad)} unreadable file(s) (listed in {bad_log}); first: {bad[:3]}")
         atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-        fabric.print(f"{'stopped' if stopped_early else 'finished'} at step {step}: {ips:.1f} images/s, "
+        fabric.print(f"{'stopped' if stopped_early else 'finished'} at step {step}: {steady_ips:.1f} images/s, "
                      f"loss {last_loss:.4f}, peak memory {peak_rss_gb():.2f} GB")
         if knn_result is not None:
             fabric.print(_knn_line(knn_result))

@@ -43,13 +43,16 @@ def test_short_run_lowers_loss_and_exports_encoder(tiny_recipe):
     assert set(load_file(run / "encoder.safetensors")) == set(obj.eval_encoder().state_dict())
 
 
-def test_resume_is_bit_exact(tiny_recipe):
-    full = train(resolve(tiny_recipe(name="full"))).run_dir
-    cfg = resolve(tiny_recipe(name="split"))
+@pytest.mark.parametrize("backend", ["per_image", "batched"])
+def test_resume_is_bit_exact(tiny_recipe, backend):
+    data = {"augment_backend": backend}
+    full = train(resolve(tiny_recipe(name="full", data=data))).run_dir
+    cfg = resolve(tiny_recipe(name="split", data=data))
     part = train(cfg, stop_at_step=5)  # mid-epoch (4 steps per epoch), between checkpoints
     assert part.steps == 5 and not (part.run_dir / "encoder.safetensors").exists()
     # The resumed half uses a worker process: views must not depend on who makes them.
-    resumed = train(resolve(tiny_recipe(name="split"), ["data.num_workers=1"]), resume=part.run_dir).run_dir
+    resumed = train(resolve(tiny_recipe(name="split", data=data), ["data.num_workers=1"]),
+                    resume=part.run_dir).run_dir
     a = load_file(full / "encoder.safetensors")
     b = load_file(resumed / "encoder.safetensors")
     for k in a:

@@ -16,9 +16,13 @@ _SEED_MIX = 1_000_003  # spreads (seed, epoch) pairs apart before seeding a gene
 
 
 class ViewDataset(Dataset):
-    """Wraps an image dataset; item ``(index, sample_seed)`` -> ``(list of views, label)``."""
+    """Wraps an image dataset; item ``(index, sample_seed)`` -> ``(list of views, label)``.
 
-    def __init__(self, dataset: Dataset, pipeline: Callable[[torch.Tensor], list[torch.Tensor]]) -> None:
+    With ``pipeline=None`` the item is ``(uint8 image, label)``: the views are made later, on the device,
+    by the batched backend (:mod:`sslkit.augment.batched`).
+    """
+
+    def __init__(self, dataset: Dataset, pipeline: Callable[[torch.Tensor], list[torch.Tensor]] | None) -> None:
         self.dataset = dataset
         self.pipeline = pipeline
 
@@ -28,11 +32,19 @@ class ViewDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> tuple[list[torch.Tensor], int]:
         index, sample_seed = item
         image, label = self.dataset[index]
+        if self.pipeline is None:
+            return image, label
         # fork_rng keeps the caller's RNG untouched when this runs in the main process (num_workers=0).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             views = self.pipeline(image)
         return views, label
+
+
+def batch_generator(seed: int, epoch: int, batch_in_epoch: int, rank: int) -> torch.Generator:
+    """The generator the batched backend draws one batch's view parameters from: a function of the batch's
+    place in training, so a resumed run draws the same views."""
+    return torch.Generator().manual_seed(((seed * _SEED_MIX + epoch) * _SEED_MIX + batch_in_epoch) * 4099 + rank)
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):

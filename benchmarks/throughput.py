@@ -1,0 +1,333 @@
+"""Training throughput: sslkit's pipeline against lightly's reference pipeline, in one process.
+
+For each objective (SimCLR with the CIFAR ResNet-18, DINO with 2+6 multi-crop, MAE with a small ViT) on
+Fashion-MNIST at 32 px, two pipelines run alternately on the identical backbone, batch and data:
+
+- reference: lightly's transforms in a DataLoader over PIL images, lightly's heads and loss, and the plain
+  loop of lightly's examples (fp32, NCHW, one forward per crop);
+- sslkit: ``sslkit.engine.train`` with the recipe below (in-memory uint8 data, seeded views, bf16 autocast
+  where the CPU has native bf16, channels_last for CNNs, grouped multi-crop forward, foreach optimiser).
+
+Reported per pipeline: images/s (source images, steady state), the share of step time spent waiting for
+data, peak resident memory of the process so far, and model-FLOPs utilisation: training FLOPs per image
+(``torch.utils.flop_counter``) x images/s over the best matmul rate measured in the same run.
+
+    python benchmarks/throughput.py --out bench_out            # all three, about 10-15 minutes on 2 cores
+    python benchmarks/throughput.py --objectives simclr --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sslkit.config import resolve
+from sslkit.engine import _resolve_precision, build_objective, train
+from sslkit.registry import DATASETS, ENCODERS, load_all
+
+IMAGE_SIZE = 32
+MAE_VIT = {"name": "vit_tiny_patch4_32", "depth": 6, "embed_dim": 192, "num_heads": 3}  # PERF_NOTES' small ViT
+MAE_DECODER = {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}
+DINO_OUT_DIM = 2048
+N_LOCAL = 6
+LOCAL_SIZE = 16
+
+
+class RSSPeak:
+    """Peak resident memory of this process and its loader workers while the block runs (sampled every 50 ms)."""
+
+    def __enter__(self) -> RSSPeak:
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _tree_rss_gb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _tree_rss_gb(pid: int | None = None) -> float:
+    """Resident memory of a process and its children, from /proc (Linux); 0 elsewhere."""
+    import os
+
+    pid = pid or os.getpid()
+    try:
+        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    return rss / 1024**3 + sum(_tree_rss_gb(int(c)) for c in children)
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> dict[str, float]:
+    """Best measured GFLOP/s of a square matmul in fp32 (MKL) and bf16 (oneDNN)."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t)
+        out[str(dtype).replace("torch.", "")] = 2 * n**3 / best / 1e9
+    return out
+
+
+# ------------------------------------------------------------------------------------------- recipes
+
+
+def sslkit_recipe(objective: str, batch: int, steps: int, workers: int, out_dir: str) -> dict:
+    base = {"name": f"bench_{objective}", "output_dir": out_dir,
+            "data": {"name": "fashion_mnist", "batch_size": batch, "num_workers": workers},
+            "optim": {"name": "adamw", "lr": 1e-3, "warmup_epochs": 0, "foreach": True},
+            "trainer": {"max_steps": steps, "checkpoint_every_steps": 0, "log_every_steps": 1000},
+            "eval": {"final_knn": False}}
+    if objective == "simclr":
+        base.update(augment={"name": "simclr", "image_size": IMAGE_SIZE}, encoder={"name": "resnet18_cifar"},
+                    objective={"name": "simclr", "proj_hidden_dim": 512, "proj_out_dim": 128})
+    elif objective == "dino":
+        base.update(augment={"name": "multicrop", "image_size": IMAGE_SIZE, "local_size": LOCAL_SIZE,
+                             "num_local": N_LOCAL, "preset": "small"},
+                    encoder={"name": "resnet18_cifar"},
+                    objective={"name": "dino", "out_dim": DINO_OUT_DIM, "head_hidden_dim": 512,
+                               "head_bottleneck_dim": 64, "head_use_bn": True})
+    elif objective == "mae":
+        base.update(augment={"name": "mae", "image_size": IMAGE_SIZE}, encoder=dict(MAE_VIT),
+                    objective={"name": "mae", **MAE_DECODER})
+    return base
+
+
+# ------------------------------------------------------------------------------------ lightly reference
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """uint8 tensors -> PIL images -> lightly transform (as lightly's examples do with torchvision datasets)."""
+
+    def __init__(self, images: torch.Tensor, transform) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        from torchvision.transforms.functional import to_pil_image
+
+        return self.transform(to_pil_image(self.images[i])), 0
+
+
+def reference_setup(objective: str, images: torch.Tensor, batch: int, workers: int):
+    """lightly's example pipeline for ``objective``: (loader, model, step function, flops_fn)."""
+    from lightly.loss import DINOLoss, NTXentLoss
+    from lightly.models.modules import (
+        DINOProjectionHead,
+        MAEDecoderTIMM,
+        MaskedVisionTransformerTIMM,
+        SimCLRProjectionHead,
+    )
+    from lightly.models.utils import (
+        deactivate_requires_grad,
+        get_at_index,
+        patchify,
+        random_token_mask,
+        repeat_token,
+        set_at_index,
+        update_momentum,
+    )
+    from lightly.transforms import DINOTransform, MAETransform, SimCLRTransform
+
+    load_all()
+    if objective == "simclr":
+        transform = SimCLRTransform(input_size=IMAGE_SIZE, gaussian_blur=0.0, cj_strength=0.5)
+        backbone = ENCODERS.build("resnet18_cifar")
+        model = nn.ModuleDict({"backbone": backbone, "head": SimCLRProjectionHead(512, 512, 128)})
+        criterion = NTXentLoss(temperature=0.5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.06)
+
+        def step(views):
+            x0, x1 = views
+            z0 = model["head"](model["backbone"](x0))
+            z1 = model["head"](model["backbone"](x1))
+            return criterion(z0, z1)
+    elif objective == "dino":
+        transform = DINOTransform(global_crop_size=IMAGE_SIZE, local_crop_size=LOCAL_SIZE, n_local_views=N_LOCAL,
+                                  gaussian_blur=(0.0, 0.0, 0.0))
+        def head():
+            return DINOProjectionHead(512, 512, 64, DINO_OUT_DIM, batch_norm=True, freeze_last_layer=1)
+
+        student = nn.ModuleDict({"backbone": ENCODERS.build("resnet18_cifar"), "head": head()})
+        # lightly's example copies the backbone and builds a second head (its weight-normed head cannot be deep-copied)
+        teacher = nn.ModuleDict({"backbone": copy.deepcopy(student["backbone"]), "head": head()})
+        teacher["head"].load_state_dict(student["head"].state_dict())
+        deactivate_requires_grad(teacher)
+        model = nn.ModuleDict({"student": student, "teacher": teacher})
+        criterion = DINOLoss(output_dim=DINO_OUT_DIM, warmup_teacher_temp_epochs=5)
+        opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+
+        def step(views):
+            update_momentum(student, teacher, m=0.996)
+            with torch.no_grad():
+                t_out = [teacher["head"](teacher["backbone"](v)) for v in views[:2]]
+            s_out = [student["head"](student["backbone"](v)) for v in views]
+            return criterion(t_out, s_out, epoch=0)
+    elif objective == "mae":
+        transform = MAETransform(input_size=IMAGE_SIZE)
+        vit = ENCODERS.build(MAE_VIT["name"], **{k: v for k, v in MAE_VIT.items() if k != "name"}).model
+        backbone = MaskedVisionTransformerTIMM(vit=vit)
+        decoder = MAEDecoderTIMM(num_patches=vit.patch_embed.num_patches, patch_size=4,
+                                 embed_dim=MAE_VIT["embed_dim"], decoder_embed_dim=MAE_DECODER["decoder_dim"],
+                                 decoder_depth=MAE_DECODER["decoder_depth"],
+                                 decoder_num_heads=MAE_DECODER["decoder_heads"])
+        model = nn.ModuleDict({"backbone": backbone, "decoder": decoder})
+        opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4)
+        mask_ratio = 0.75
+
+        def step(views):
+            x = views[0]
+            b = x.shape[0]
+            idx_keep, idx_mask = random_token_mask((b, backbone.sequence_length), mask_ratio, device=x.device)
+            x_encoded = backbone.encode(images=x, idx_keep=idx_keep)  # (B, 1 + K, D), visible tokens only
+            x_decode = decoder.embed(x_encoded)
+            x_masked = repeat_token(decoder.mask_token, (b, backbone.sequence_length))
+            x_masked = set_at_index(x_masked, idx_keep, x_decode.type_as(x_masked))
+            x_pred = decoder.predict(get_at_index(decoder.decode(x_masked), idx_mask))
+            target = get_at_index(patchify(x, 4), idx_mask - 1)
+            return nn.functional.mse_loss(x_pred, target)
+    else:
+        raise ValueError(objective)
+
+    loader = torch.utils.data.DataLoader(PILDataset(images, transform), batch_size=batch, shuffle=True,
+                                         drop_last=True, num_workers=workers, persistent_workers=workers > 0)
+    return loader, model, opt, step
+
+
+def run_reference(objective: str, images: torch.Tensor, batch: int, steps: int, workers: int) -> dict:
+    loader, model, opt, step = reference_setup(objective, images, batch, workers)
+    model.train()
+    with RSSPeak() as mem:
+        m = _reference_loop(loader, model, opt, step, batch, steps)
+    return {**m, "peak_rss_gb": mem.peak}
+
+
+def _reference_loop(loader, model, opt, step, batch: int, steps: int) -> dict:
+    it = iter(loader)
+    times, waits = [], []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        views, _ = next(it)
+        t1 = time.perf_counter()
+        loss = step(views)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        t2 = time.perf_counter()
+        if i >= 2:  # the same warm-up exclusion as the engine's steady-state figure
+            times.append(t2 - t0)
+            waits.append(t1 - t0)
+    total = sum(times)
+    return {"images_per_s": batch * steps / total, "data_wait_share": sum(waits) / total,
+            "precision": "32-true", "final_loss": float(loss)}
+
+
+def run_sslkit(objective: str, batch: int, steps: int, workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = resolve(sslkit_recipe(objective, batch, steps + 2, workers, tmp))
+        t = time.perf_counter()
+        with RSSPeak() as mem:
+            result = train(cfg)
+        wall = time.perf_counter() - t
+        summary = json.loads((result.run_dir / "summary.json").read_text())
+    return {"images_per_s": summary["steady_images_per_s"], "data_wait_share": summary["data_wait_share"],
+            "peak_rss_gb": mem.peak, "precision": summary["precision"], "final_loss": summary["final_loss"],
+            "wall_s": wall}
+
+
+def train_flops_per_image(objective: str, batch: int = 8) -> float:
+    """fwd+bwd FLOPs of one sslkit training step per source image (flop_counter counts matmuls and convs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = resolve(sslkit_recipe(objective, batch, 1, 0, tempfile.gettempdir()))
+    obj = build_objective(cfg)
+    obj.setup_schedule(100, 1000)
+    from sslkit.engine import build_pipeline
+
+    pipe = build_pipeline(cfg)
+    imgs = DATASETS.build("fashion_mnist", split="test").images[:batch]
+    per = [pipe(im) for im in imgs]
+    views = [torch.stack([p[v] for p in per]) for v in range(len(per[0]))]
+    with FlopCounterMode(display=False) as fc:
+        obj(views, 0)["loss"].backward()
+    return fc.get_total_flops() / batch
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--objectives", nargs="+", default=["simclr", "dino", "mae"], choices=["simclr", "dino", "mae"])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after 2 warm-up steps)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of reference and sslkit")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--images", type=int, default=10000, help="Fashion-MNIST training images used")
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args()
+
+    load_all()
+    torch.manual_seed(0)
+    images = DATASETS.build("fashion_mnist", split="train").images[: args.images]
+    peaks = matmul_peak_gflops()
+    results = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "matmul_peak_gflops": peaks},
+               "settings": vars(args), "objectives": {}}
+    for obj in args.objectives:
+        flops = train_flops_per_image(obj)
+        rounds = []
+        for r in range(args.rounds):
+            ref = run_reference(obj, images, args.batch, args.steps, args.workers)
+            ours = run_sslkit(obj, args.batch, args.steps, args.workers)
+            rounds.append({"reference": ref, "sslkit": ours})
+            print(f"[{obj} round {r}] lightly {ref['images_per_s']:.1f} img/s   sslkit {ours['images_per_s']:.1f} img/s",
+                  flush=True)
+        best = {k: max((rd[k] for rd in rounds), key=lambda m: m["images_per_s"]) for k in ("reference", "sslkit")}
+        for m in best.values():
+            peak = peaks["bfloat16"] if m["precision"].startswith("bf16") else max(peaks.values())
+            m["train_gflop_per_image"] = flops / 1e9
+            m["mfu_vs_best_matmul"] = flops * m["images_per_s"] / (peak * 1e9)
+        results["objectives"][obj] = {"best": best, "rounds": rounds,
+                                      "speedup": best["sslkit"]["images_per_s"] / best["reference"]["images_per_s"]}
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(results, indent=2))
+    lines = ["| objective | pipeline | images/s | speed-up | data wait | peak RSS GB | GFLOP/img | MFU | precision |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for obj, r in results["objectives"].items():
+        for k in ("reference", "sslkit"):
+            m = r["best"][k]
+            sp = f"{r['speedup']:.2f}x" if k == "sslkit" else "1.00x"
+            lines.append(f"| {obj} | {'lightly' if k == 'reference' else 'sslkit'} | {m['images_per_s']:.1f} | {sp} | "
+                         f"{100 * (m['data_wait_share'] or 0):.1f}% | {m['peak_rss_gb']:.2f} | "
+                         f"{m['train_gflop_per_image']:.2f} | {100 * m['mfu_vs_best_matmul']:.0f}% | {m['precision']} |")
+    lines.append(f"\nmatmul peak measured: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s; "
+                 f"sslkit precision {_resolve_precision(resolve({}))} by default on this machine.")
+    (out / "throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
