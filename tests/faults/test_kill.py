@@ -30,6 +30,11 @@ TINY = {
 OBJECTIVES = {
     "simclr": {"augment": {"name": "simclr", "image_size": 32},
                "objective": {"name": "simclr", "proj_hidden_dim": 64, "proj_out_dim": 32}},
+    "dino": {"augment": {"name": "multicrop", "image_size": 32, "local_size": 16, "num_local": 2, "preset": "small"},
+             "objective": {"name": "dino", "out_dim": 128, "head_hidden_dim": 64, "head_bottleneck_dim": 32,
+                           "warmup_teacher_temp_epochs": 2, "freeze_last_layer": 1}},
+    "mae": {"augment": {"name": "mae", "image_size": 32},
+            "objective": {"name": "mae", "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}},
 }
 
 
