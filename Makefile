@@ -8,7 +8,7 @@ ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install data test test-slow test-faults lint pretrain-simclr pretrain-dino pretrain-mae \
-        knn linear-probe retrieval bench clean
+        knn linear-probe retrieval bench bench-throughput clean
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -58,9 +58,14 @@ linear-probe: ## linear probe on frozen features of RUN
 retrieval: ## FAISS retrieval metrics for RUN
 	sslkit eval retrieval $(RUN) $(ARGS)
 
-bench: ## benchmarks -> bench_out/*.json and Markdown tables
-	$(PYTHON) benchmarks/linear_probe.py --out bench_out $(ARGS)
-	$(PYTHON) benchmarks/retrieval.py --out bench_out $(ARGS)
+bench: ## all benchmarks -> bench_out/*.json and Markdown tables (about an hour on 2 cores)
+	$(PYTHON) benchmarks/throughput.py --out bench_out
+	$(PYTHON) benchmarks/memory_soak.py --out bench_out
+	$(PYTHON) benchmarks/linear_probe.py --out bench_out
+	$(PYTHON) benchmarks/retrieval.py --out bench_out
+
+bench-throughput: ## sslkit vs lightly training throughput -> bench_out/throughput.{json,md}
+	$(PYTHON) benchmarks/throughput.py --out bench_out $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -434,6 +434,7 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
     warm = WARMUP_STEPS_EXCLUDED  # steady-state throughput skips the first steps (worker start-up, allocator warm-up)
     steady_images, steady_time, data_wait = 0, 0.0, 0.0
     start_step = step
+    first_step_s = 0.0
     knn_result = None
     every = cfg.trainer.checkpoint_every_steps
     stopped_early = False
@@ -479,6 +480,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
             t1 = time.perf_counter()
             train_time += t1 - t0
             images += global_batch
+            if step == start_step + 1:
+                first_step_s = t1 - t0  # with trainer.compile this is mostly compilation
             if step > start_step + warm:
                 steady_time += t1 - t0
                 steady_images += global_batch
@@ -531,7 +534,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         summary = {"steps": step, "total_steps": total_steps, "images_per_s": ips, "steady_images_per_s": steady_ips,
                    "data_wait_share": data_wait / steady_time if steady_time > 0 else None, "train_seconds": train_time,
                    "final_loss": last_loss, "peak_rss_gb": peak_rss_gb(), "world_size": world,
-                   "precision": _resolve_precision(cfg), "knn": knn_result, "finished": not stopped_early}
+                   "precision": _resolve_precision(cfg), "knn": knn_result, "finished": not stopped_early,
+                   "first_step_seconds": first_step_s, "compiled": bool(cfg.trainer.compile)}
         bad_log = run_dir / "bad_files.txt"
         if bad_log.is_file():
             bad = sorted(set(bad_log.read_text().splitlines()))
