@@ -11,8 +11,17 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from sslkit.config import load_recipe, resolve
-from sslkit.objectives.mae import (MAE, MAEConfig, masked_mse, normalize_patches, num_visible, patchify,
-                                   random_masking, sincos_2d, unpatchify)
+from sslkit.objectives.mae import (
+    MAE,
+    MAEConfig,
+    masked_mse,
+    normalize_patches,
+    num_visible,
+    patchify,
+    random_masking,
+    sincos_2d,
+    unpatchify,
+)
 from sslkit.registry import AUGMENTATIONS, DATASETS, ENCODERS, OBJECTIVES, load_all
 
 load_all()
@@ -312,8 +321,8 @@ def test_recipes_resolve(recipe):
 
 
 def test_fmnist_recipe_builds_and_steps():
-    from sslkit.run import build_encoder
     from sslkit.config import section_kwargs
+    from sslkit.run import build_encoder
 
     cfg = load_recipe("recipes/mae_vit_tiny_fmnist.yaml")
     mae = MAE(build_encoder(cfg), MAEConfig(**section_kwargs(cfg.objective)))

@@ -4,9 +4,11 @@ A pipeline maps one uint8 image ``(3, H, W)`` to a list of float views (normalis
 gives each view's side length so objectives can group same-size views into one forward pass.
 """
 
+from sslkit.augment import (
+    mae,  # noqa: F401
+    multicrop,  # noqa: F401
+    simclr,  # noqa: F401  (registration)
+)
 from sslkit.augment.base import ViewPipeline, eval_transform
-from sslkit.augment import simclr  # noqa: F401  (registration)
-from sslkit.augment import mae  # noqa: F401
-from sslkit.augment import multicrop  # noqa: F401
 
 __all__ = ["ViewPipeline", "eval_transform"]

@@ -6,8 +6,7 @@ colour jitter hurts (Table 1e) and that MAE works even with centre crops only.
 
 from __future__ import annotations
 
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from sslkit.augment.base import ViewPipeline, to_float
 from sslkit.registry import AUGMENTATIONS

@@ -4,9 +4,11 @@ Registered in :data:`sslkit.registry.OBJECTIVES` with a config dataclass, so a r
 section is validated against that dataclass. A new objective is one file here plus a recipe.
 """
 
+from sslkit.objectives import (
+    dino,  # noqa: F401
+    mae,  # noqa: F401
+    simclr,  # noqa: F401  (registration)
+)
 from sslkit.objectives.base import Objective
-from sslkit.objectives import simclr  # noqa: F401  (registration)
-from sslkit.objectives import mae  # noqa: F401
-from sslkit.objectives import dino  # noqa: F401
 
 __all__ = ["Objective"]

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch import nn
 from timm.models.vision_transformer import Block
+from torch import nn
 
 from sslkit.encoders import Encoder
 from sslkit.objectives.base import Objective
