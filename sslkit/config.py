@@ -68,7 +68,7 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: Any = 1  # int, or "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto (DDP when several devices) | ddp | ddp_spawn | fsdp
+    strategy: str = "auto"  # auto (DDP when several devices) | ddp | ddp_spawn
     precision: str = "auto"  # auto: bf16-mixed on GPU and on CPUs with native bf16, else 32-true
     channels_last: bool = True  # NHWC memory layout for CNN encoders
     compile: bool = False  # torch.compile the objective
@@ -248,7 +248,10 @@ def _cross_checks(cfg: DictConfig) -> None:
                "trainer.precision": (cfg.trainer.precision, ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")),
                "trainer.accelerator": (cfg.trainer.accelerator, ("auto", "cpu", "gpu", "cuda")),
                "data.eval_split": (cfg.data.eval_split, ("train", "test")),
-               "data.augment_backend": (cfg.data.augment_backend, ("auto", "batched", "per_image"))}
+               "data.augment_backend": (cfg.data.augment_backend, ("auto", "batched", "per_image")),
+               # FSDP shards parameters, and sslkit's exact-resume checkpoints are written from full state dicts;
+               # until the checkpoint path gathers sharded state, FSDP is refused rather than saved wrongly.
+               "trainer.strategy": (cfg.trainer.strategy, ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"))}
     for k, (v, valid) in choices.items():
         if v not in valid:
             raise ConfigError(f"recipe key '{k}': {v!r} is not one of {', '.join(valid)}.")
