@@ -428,7 +428,7 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
             raise RunError(f"could not write checkpoint at step {step} to {run_dir / 'checkpoints'}: {e}. The "
                            "previous checkpoint is intact; free disk space or fix permissions, then resume.") from e
 
-    bar = _progress(fabric, total_steps, step, global_batch)
+    bar = _progress(fabric, total_steps, step, global_batch, cfg.trainer.progress)
     last_loss = float("nan")
     images, train_time = 0, 0.0
     warm = WARMUP_STEPS_EXCLUDED  # steady-state throughput skips the first steps (worker start-up, allocator warm-up)
@@ -589,8 +589,9 @@ def _gather_objects(fabric, obj: Any) -> list[Any]:
     return out
 
 
-def _progress(fabric, total_steps: int, step: int, global_batch: int):
-    if not fabric.is_global_zero:
+def _progress(fabric, total_steps: int, step: int, global_batch: int, enabled: bool = True):
+    """A bar over images with rate (img/s) and ETA, on rank 0; ``trainer.progress=false`` turns it off."""
+    if not (fabric.is_global_zero and enabled):
         return None
     from tqdm.auto import tqdm
 
