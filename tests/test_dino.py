@@ -17,8 +17,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sslkit.config import ConfigError, load_recipe, resolve
-from sslkit.objectives.dino import (DINO, DINOConfig, DINOHead, dino_loss, ema_momentum_at, multicrop_forward,
-                                    size_groups, teacher_temp_at, update_center)
+from sslkit.objectives.dino import (
+    DINO,
+    DINOConfig,
+    DINOHead,
+    dino_loss,
+    ema_momentum_at,
+    multicrop_forward,
+    size_groups,
+    teacher_temp_at,
+    update_center,
+)
 from sslkit.registry import ENCODERS, OBJECTIVES, load_all
 
 torch.set_num_threads(1)
@@ -313,6 +322,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.ddp
 def test_ddp_center_is_global_mean(tmp_path):
     world = 2
     mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
