@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory_soak import tree_rss_gb  # benchmarks/ is on sys.path when run as a script
 from torch import nn
 
 from sslkit.config import resolve
@@ -54,24 +55,11 @@ class RSSPeak:
 
     def _poll(self) -> None:
         while not self._stop.wait(0.05):
-            self.peak = max(self.peak, _tree_rss_gb())
+            self.peak = max(self.peak, tree_rss_gb())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def _tree_rss_gb(pid: int | None = None) -> float:
-    """Resident memory of a process and its children, from /proc (Linux); 0 elsewhere."""
-    import os
-
-    pid = pid or os.getpid()
-    try:
-        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return 0.0
-    return rss / 1024**3 + sum(_tree_rss_gb(int(c)) for c in children)
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> dict[str, float]:
