@@ -47,6 +47,14 @@ def _plots(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs (t-SNE is the slow one on CPU)")
 
 
+def _index_args(p: argparse.ArgumentParser) -> None:
+    """The FAISS index options shared by retrieval and copy detection."""
+    p.add_argument("--index", default=retrieval_mod.DEFAULT_INDEX,
+                   help="FAISS factory string: Flat | IVF<nlist>,Flat | HNSW<M> | IVF<nlist>,PQ<m>")
+    p.add_argument("--nprobe", type=int, default=None,
+                   help=f"IVF lists searched (default {retrieval_mod.DEFAULT_NPROBE}; = nlist is exact)")
+
+
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``knn``, ``linear``, ``retrieval`` and ``copy`` to ``subparsers`` (each sets ``func(args) -> int``)."""
     p = subparsers.add_parser("knn", help="weighted k-NN classification (DINO protocol)",
@@ -87,10 +95,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                                           "approximate indexes also report recall of exact neighbours and speed-up.")
     _common(p)
     _plots(p)
-    p.add_argument("--index", default=retrieval_mod.DEFAULT_INDEX,
-                   help="FAISS factory string: Flat | IVF<nlist>,Flat | HNSW<M> | IVF<nlist>,PQ<m>")
-    p.add_argument("--nprobe", type=int, default=None,
-                   help=f"IVF lists searched (default {retrieval_mod.DEFAULT_NPROBE}; = nlist is exact)")
+    _index_args(p)
     p.add_argument("--ef-search", type=int, default=retrieval_mod.DEFAULT_EF_SEARCH, help="HNSW search breadth")
     p.add_argument("--ks", type=int, nargs="+", default=list(retrieval_mod.DEFAULT_KS), help="recall@k cut-offs")
     p.set_defaults(func=cmd_retrieval)
@@ -101,8 +106,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                                           "(DINO copy-detection style).")
     _common(p)
     _plots(p)
-    p.add_argument("--index", default=retrieval_mod.DEFAULT_INDEX, help="FAISS factory string (see retrieval)")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched")
+    _index_args(p)
     p.add_argument("--num-queries", type=int, default=retrieval_mod.DEFAULT_COPY_QUERIES, help="copies to search for")
     p.add_argument("--ks", type=int, nargs="+", default=list(retrieval_mod.DEFAULT_KS), help="recall@k cut-offs")
     p.set_defaults(func=cmd_copy)
