@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_RECIPES = ("simclr_resnet18_fmnist", "dino_vit_tiny_fmnist", "mae_vit_tiny_fmnist")
+DEFAULT_RECIPES = ("simclr_resnet_fmnist", "dino_resnet_fmnist", "mae_vit_tiny_fmnist")
 REFERENCE_K = 20
 KNN_KS = (20, 200)
 DEFAULT_RETRIEVAL_QUERIES = 2000

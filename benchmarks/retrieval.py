@@ -12,7 +12,7 @@ recall@k against exact search (the share of the exact top-k that the index retur
 Example::
 
     python benchmarks/retrieval.py --size 100000 --queries 500
-    python benchmarks/retrieval.py --run runs/simclr_resnet18_fmnist-latest --indexes Flat HNSW32
+    python benchmarks/retrieval.py --run runs/simclr_resnet_fmnist-latest --indexes Flat HNSW32
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Examples::
 
-    sslkit pretrain recipes/simclr_resnet18_fmnist.yaml trainer.epochs=2 data.subset=5000
-    sslkit pretrain --resume runs/simclr_resnet18_fmnist-latest
+    sslkit pretrain recipes/simclr_resnet_fmnist.yaml trainer.epochs=2 data.subset=5000
+    sslkit pretrain --resume runs/simclr_resnet_fmnist-latest
     sslkit list
-    sslkit eval knn runs/dino_vit_tiny_fmnist-latest
+    sslkit eval knn runs/dino_resnet_fmnist-latest
     sslkit viz attention runs/dino_vit_tiny_fmnist-latest img1.png
 """
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain an encoder with a YAML recipe",
                        description="Pretrain with RECIPE (a YAML file in recipes/), overriding keys with key.sub=value.",
-                       epilog="example: sslkit pretrain recipes/simclr_resnet18_fmnist.yaml trainer.epochs=2")
+                       epilog="example: sslkit pretrain recipes/simclr_resnet_fmnist.yaml trainer.epochs=2")
     p.add_argument("recipe", nargs="?", help="recipe YAML (optional with --resume)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=0.1 data.subset=5000")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")

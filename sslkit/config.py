@@ -7,7 +7,7 @@ in a recipe is checked, with its type, before any work starts.
 
 Example::
 
-    cfg = load_recipe("recipes/simclr_resnet18_fmnist.yaml", ["optim.lr=0.3", "trainer.epochs=2"])
+    cfg = load_recipe("recipes/simclr_resnet_fmnist.yaml", ["optim.lr=0.3", "trainer.epochs=2"])
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ class EvalConfig:
     knn_temperature: float = 0.07
     knn_train_subset: int | None = None  # bank size for the monitor (None = whole train split)
     knn_test_subset: int | None = None
+    # The online monitor's bank and queries (None = knn_train_subset / knn_test_subset): a small monitor keeps
+    # frequent checks cheap while the final k-NN uses the full splits.
+    monitor_train_subset: int | None = None
+    monitor_test_subset: int | None = None
     image_size: int | None = None  # evaluation resolution; None = augment.image_size
     batch_size: int = 512
 

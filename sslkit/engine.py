@@ -515,7 +515,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         if cfg.eval.knn_every and epoch % cfg.eval.knn_every == 0 and step < total_steps:
             m = _knn_eval(fabric, cfg, objective.eval_encoder(), monitor=True)
             if logs is not None and m is not None:
-                logs.log(step, {"knn_top1": m["top1"], "knn_top5": m["top5"], "epoch": epoch})
+                logs.log(step, {"knn_top1": m["top1"], "knn_top5": m["top5"], "epoch": epoch,
+                                "train_seconds": train_time})
                 logs.flush()
                 fabric.print(f"epoch {epoch}: online k-NN top-1 {m['top1']:.2f}%")
     if bar is not None:
@@ -529,7 +530,7 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         knn_result = _knn_eval(fabric, cfg, objective.eval_encoder(), monitor=False)
     if logs is not None:
         if knn_result is not None:
-            logs.log(step, {"knn_top1": knn_result["top1"], "knn_top5": knn_result["top5"]})
+            logs.log(step, {"knn_top1": knn_result["top1"], "knn_top5": knn_result["top5"], "train_seconds": train_time})
         logs.close()
         summary = {"steps": step, "total_steps": total_steps, "images_per_s": ips, "steady_images_per_s": steady_ips,
                    "data_wait_share": data_wait / steady_time if steady_time > 0 else None, "train_seconds": train_time,
@@ -617,8 +618,12 @@ def _knn_eval(fabric, cfg: DictConfig, encoder: torch.nn.Module, monitor: bool) 
         from sslkit.eval.features import extract_features
         from sslkit.eval.knn import knn_classify
 
-        train_ds = subset_dataset(build_dataset(cfg, "train"), cfg.eval.knn_train_subset, seed=cfg.seed)
-        test_ds = subset_dataset(build_dataset(cfg, cfg.data.eval_split), cfg.eval.knn_test_subset, seed=cfg.seed)
+        n_train, n_test = cfg.eval.knn_train_subset, cfg.eval.knn_test_subset
+        if monitor:
+            n_train = cfg.eval.monitor_train_subset or n_train
+            n_test = cfg.eval.monitor_test_subset or n_test
+        train_ds = subset_dataset(build_dataset(cfg, "train"), n_train, seed=cfg.seed)
+        test_ds = subset_dataset(build_dataset(cfg, cfg.data.eval_split), n_test, seed=cfg.seed)
         size = eval_image_size(cfg)
         kw = {"image_size": size, "batch_size": cfg.eval.batch_size, "device": fabric.device, "progress": not monitor}
         ftr, ltr = extract_features(encoder, train_ds, desc="k-NN bank", **kw)

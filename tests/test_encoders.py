@@ -51,6 +51,43 @@ def test_resnet18_cifar_stem():
     assert enc.dim == 512
 
 
+def test_resnet_cifar_default_is_the_cifar_resnet18():
+    torch.manual_seed(0)
+    a = ENCODERS.build("resnet18_cifar")
+    torch.manual_seed(0)
+    b = ENCODERS.build("resnet_cifar")
+    shapes_a = [(n.replace("model.", ""), tuple(p.shape)) for n, p in a.named_parameters()]
+    shapes_b = [(n.replace("model.", ""), tuple(p.shape)) for n, p in b.named_parameters()]
+    assert sorted(shapes_a) == sorted(shapes_b)
+    assert b.dim == 512
+
+
+@pytest.mark.parametrize(("widths", "depths", "stride", "size"), [([32, 64, 128, 256], [1, 1, 1, 1], 1, 28),
+                                                                  ([16, 32, 64], [2, 1, 1], 2, 28),
+                                                                  ([8, 16], [1, 3], 1, 16)])
+def test_resnet_cifar_shapes_and_resolution(widths, depths, stride, size):
+    enc = ENCODERS.build("resnet_cifar", widths=widths, depths=depths, stem_stride=stride).eval()
+    assert enc.dim == widths[-1]
+    stages = [getattr(enc.model, f"layer{i + 1}") for i in range(len(widths))]
+    assert [len(s) for s in stages] == depths
+    x = torch.randn(2, 3, size, size)
+    feats = enc.model.forward_features(x)  # (B, C, h, w): each stage after the first halves the resolution
+    expect = -(-size // stride)
+    for _ in widths[1:]:
+        expect = -(-expect // 2)
+    assert feats.shape == (2, widths[-1], expect, expect)
+    assert enc(x).shape == (2, widths[-1])
+    # A narrow, shallow net costs a fraction of the ResNet-18's parameters.
+    assert sum(p.numel() for p in enc.parameters()) < 0.2 * 11.2e6
+
+
+@pytest.mark.parametrize("bad", [{"widths": [32, 64], "depths": [1]}, {"widths": [], "depths": []},
+                                 {"stem_stride": 4}, {"depths": [1, 0, 1, 1]}])
+def test_resnet_cifar_rejects_bad_shapes(bad):
+    with pytest.raises(ValueError, match="resnet_cifar"):
+        ENCODERS.build("resnet_cifar", **bad)
+
+
 def test_unknown_timm_model_is_named():
     with pytest.raises(ValueError, match="timm has no model 'resnet_nope'"):
         ENCODERS.build("timm:resnet_nope")

@@ -13,7 +13,7 @@ randomly initialised encoder of the run's architecture, so the report shows what
 
 Example::
 
-    res = run_knn("runs/simclr_resnet18_fmnist-latest", k=[20], train_subset=10000)
+    res = run_knn("runs/simclr_resnet_fmnist-latest", k=[20], train_subset=10000)
     res["metrics"]["20"]["top1"], res["results_path"]
 """
 
