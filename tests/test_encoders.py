@@ -88,6 +88,27 @@ def test_resnet_cifar_rejects_bad_shapes(bad):
         ENCODERS.build("resnet_cifar", **bad)
 
 
+@pytest.mark.parametrize("name", ENCODERS.names())
+def test_deep_copy_runs_its_own_weights(name):
+    """DINO's teacher is a deep copy: it must compute with its own parameters and buffers, not the original's
+    (a forward patched in as a closure would silently keep using the original module)."""
+    import copy
+
+    torch.manual_seed(0)
+    enc = ENCODERS.build(name)
+    twin = copy.deepcopy(enc)
+    size = SIZE.get(name, 32)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5).add_(0.01)
+        assert not torch.allclose(enc(x), twin(x))
+    bns = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if bns:  # train-mode forwards update the copy's running statistics, not the original's
+        assert all(int(m.num_batches_tracked) == 1 for m in bns)
+        assert all(int(m.num_batches_tracked) == 1 for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
 def test_unknown_timm_model_is_named():
     with pytest.raises(ValueError, match="timm has no model 'resnet_nope'"):
         ENCODERS.build("timm:resnet_nope")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.models.resnet import BasicBlock, ResNet, make_blocks
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -91,6 +92,22 @@ def resnet18_cifar(zero_init_residual: bool = True) -> Encoder:
     return Encoder(model, "resnet18_cifar")
 
 
+class _StagedResNet(ResNet):
+    """timm's ResNet with any number of stages (``stage_names``); timm's forward hard-codes four.
+
+    A subclass, not a patched ``forward_features`` closure: a closure would keep pointing at the original
+    module after ``copy.deepcopy`` (DINO's teacher), so the copy would run the original's weights.
+    """
+
+    stage_names: list[str]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+
 @ENCODERS.register("resnet_cifar", help="ResNet with BasicBlocks, chosen widths and depths, 3x3 stem (small images)")
 def resnet_cifar(widths: list[int] = (64, 128, 256, 512), depths: list[int] = (2, 2, 2, 2), stem_stride: int = 1,
                  zero_init_residual: bool = True) -> Encoder:
@@ -100,39 +117,25 @@ def resnet_cifar(widths: list[int] = (64, 128, 256, 512), depths: list[int] = (2
     The defaults are the CIFAR ResNet-18. Narrow, shallow ones are the fast CPU encoders: widths (32, 64, 128, 256)
     with one block per stage costs 0.105 GFLOP per 28 px image, a ninth of the ResNet-18's 0.95.
     """
-    from timm.models.resnet import BasicBlock, ResNet, make_blocks
-
     widths, depths = tuple(int(w) for w in widths), tuple(int(d) for d in depths)
     if len(widths) != len(depths) or not widths or min(widths) <= 0 or min(depths) <= 0:
         raise ValueError(f"resnet_cifar needs widths and depths of the same non-zero length with positive entries, "
                          f"got widths={list(widths)} depths={list(depths)}")
     if stem_stride not in (1, 2):
         raise ValueError(f"resnet_cifar stem_stride must be 1 or 2, got {stem_stride}")
-    model = ResNet(BasicBlock, depths, num_classes=0, channels=widths, zero_init_last=zero_init_residual)
+    model = _StagedResNet(BasicBlock, depths, num_classes=0, channels=widths, zero_init_last=zero_init_residual)
     model.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=stem_stride, padding=1, bias=False)
     model.bn1 = nn.BatchNorm2d(widths[0])
     model.maxpool = nn.Identity()
     for name in [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, n)]:
         delattr(model, name)
     stages, _ = make_blocks((BasicBlock,) * len(widths), widths, depths, widths[0])
-    names = []
     for name, stage in stages:
         model.add_module(name, stage)
-        names.append(name)
-    model.forward_features = _stages_forward(model, names)
+    model.stage_names = [name for name, _ in stages]
     model.num_features = widths[-1]
     model.init_weights(zero_init_last=zero_init_residual)
     return Encoder(model, "resnet_cifar")
-
-
-def _stages_forward(model: nn.Module, names: list[str]):
-    """forward_features over stem + the named stages (timm's ResNet hard-codes four)."""
-    def forward_features(x: torch.Tensor) -> torch.Tensor:
-        x = model.maxpool(model.act1(model.bn1(model.conv1(x))))
-        for n in names:
-            x = getattr(model, n)(x)
-        return x
-    return forward_features
 
 
 @ENCODERS.register("resnet50", help="ResNet-50 (ImageNet stem), 2048-d features")
