@@ -127,7 +127,8 @@ def plot(results: dict[str, Any], path: Path, budget: float) -> Path:
         c = colours[i % len(colours)]
         xs = [0.0] + [p["minutes"] for p in r["curve"]]
         ys = [r["random"]["knn_top1"] if r.get("random") else float("nan")] + [p["top1"] for p in r["curve"]]
-        ax.plot(xs, ys, "o-", color=c, label=f"{r['objective']} ({name}), monitor: {MONITOR_BANK // 1000}k bank")
+        flag = " [INVALID: see JSON]" if r.get("invalid") else ""
+        ax.plot(xs, ys, "o-", color=c, label=f"{r['objective']} ({name}){flag}, monitor: {MONITOR_BANK // 1000}k bank")
         ax.plot([r["minutes"]], [r["final"]["knn_top1"]], "*", color=c, markersize=14,
                 label=f"{r['objective']} final, full 60k bank: {r['final']['knn_top1']:.1f}%")
         if r.get("random"):
@@ -141,7 +142,8 @@ def plot(results: dict[str, Any], path: Path, budget: float) -> Path:
     ax.set_xlabel("minutes of pretraining (2-core CPU)" if (os.cpu_count() or 0) <= 4 else "minutes of pretraining")
     ax.set_ylabel(f"Fashion-MNIST k-NN top-1 (%), k={K}")
     ax.set_title("Time to accuracy: online k-NN during pretraining")
-    lo = min([v for r in results["recipes"].values() for v in [p["top1"] for p in r["curve"]]] + [80.0])
+    lo = min([p["top1"] for r in results["recipes"].values() for p in r["curve"]]
+             + [r["random"]["knn_top1"] for r in results["recipes"].values() if r.get("random")] + [80.0])
     ax.set_ylim(max(lo - 2, 0), 95)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -167,7 +169,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['objective']} | {r['encoder']} | {r['minutes']:.1f} | {r['images_per_s']:.0f} | "
                      f"{f['knn_top1']:.2f}% | {f.get('linear_top1', float('nan')):.2f}% | "
                      f"{r['random']['knn_top1'] if r.get('random') else float('nan'):.2f}% | "
-                     f"{target.get('text', '')} |")
+                     f"{target.get('text', '')}{' (' + r['invalid'] + ')' if r.get('invalid') else ''} |")
     return "\n".join(lines) + "\n"
 
 
