@@ -139,7 +139,7 @@ def plot(results: dict[str, Any], path: Path, budget: float) -> Path:
         ax.axhline(px["knn_top1"], color="black", linestyle="--", label=f"raw pixels: {px['knn_top1']:.1f}%")
     ax.axhline(90.0, color="grey", linestyle="-", linewidth=0.8, alpha=0.6, label="target 90%")
     ax.axvline(budget, color="red", linestyle="-", linewidth=0.8, alpha=0.5, label=f"budget {budget:g} min")
-    ax.set_xlabel("minutes of pretraining (2-core CPU)" if (os.cpu_count() or 0) <= 4 else "minutes of pretraining")
+    ax.set_xlabel(f"minutes of pretraining ({results['machine']['cpus']} CPU cores)")
     ax.set_ylabel(f"Fashion-MNIST k-NN top-1 (%), k={K}")
     ax.set_title("Time to accuracy: online k-NN during pretraining")
     lo = min([p["top1"] for r in results["recipes"].values() for p in r["curve"]]
@@ -190,6 +190,7 @@ def target_check(objective: str, final: dict[str, Any], pixels: dict[str, Any], 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
+    from omegaconf import OmegaConf
 
     out = Path(args.out)
     runs_root = out / "tta_runs"
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             results["baselines"] = old.get("baselines", {})
             results["recipes"] = {k: v for k, v in old.get("recipes", {}).items() if k not in
                                   {recipe_path(n).stem for n in args.recipes}}
+    random_by_encoder: dict[str, dict[str, Any]] = {}
     for name in args.recipes:
         recipe = recipe_path(name)
         if not recipe.is_file():
@@ -222,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         final = evaluate(run, "none", args, linear=not args.no_linear)
         if "pixels" not in results["baselines"]:
             results["baselines"]["pixels"] = evaluate(run, "pixels", args, linear=not args.no_linear)
-        rnd = None if args.no_random else evaluate(run, "random", args, linear=False)
+        # Recipes sharing an encoder (SimCLR and DINO here) share its random-init baseline: evaluate it once.
+        enc_key = json.dumps(OmegaConf.to_container(cfg.encoder), sort_keys=True)
+        if not args.no_random and enc_key not in random_by_encoder:
+            random_by_encoder[enc_key] = evaluate(run, "random", args, linear=False)
+        rnd = random_by_encoder.get(enc_key)
         objective = str(cfg.objective.name)
         results["recipes"][recipe.stem] = {
             "objective": objective, "encoder": str(cfg.encoder.name), "run_dir": str(run),
