@@ -12,8 +12,15 @@ Reported per pipeline: images/s (source images, steady state), the share of step
 data, peak resident memory of the process so far, and model-FLOPs utilisation: training FLOPs per image
 (``torch.utils.flop_counter``) x images/s over the best matmul rate measured in the same run.
 
+On a GPU (``--device cuda``) the reference keeps lightly's PIL transforms in DataLoader workers and moves the
+views to the GPU (fp32, as in lightly's examples), while sslkit sends uint8 batches to the GPU and makes the
+views there (``sslkit.augment.batched``) under bf16 autocast. The GPU figures add the share of the timed window
+in which the GPU was busy (NVML's utilisation counter, sampled every 20 ms) and the MFU against a bf16 matmul
+measured on the same GPU; results go to ``throughput_cuda.{json,md}``.
+
     python benchmarks/throughput.py --out bench_out            # all three, about 10-15 minutes on 2 cores
     python benchmarks/throughput.py --objectives simclr --steps 6
+    python benchmarks/throughput.py --device cuda --out bench_out   # 60k images, 150 steps, 8 loader workers
 """
 
 from __future__ import annotations
@@ -62,29 +69,69 @@ class RSSPeak:
         self._thread.join()
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> dict[str, float]:
-    """Best measured GFLOP/s of a square matmul in fp32 (MKL) and bf16 (oneDNN)."""
+class GPUBusy:
+    """Samples NVML's GPU utilisation (share of time a kernel ran) every 20 ms; ``mean(a, b)`` over a window."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.samples: list[tuple[float, float]] = []
+
+    def __enter__(self) -> GPUBusy:
+        import threading
+
+        self._stop = threading.Event()
+        if self.enabled:
+            torch.cuda.utilization()  # fails early, with NVML's own message, when pynvml is missing
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            self.samples.append((time.perf_counter(), float(torch.cuda.utilization())))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+    def mean(self, start: float, end: float) -> float | None:
+        vals = [u for t, u in self.samples if start <= t <= end]
+        return sum(vals) / len(vals) / 100 if vals else None
+
+
+def matmul_peak_gflops(device: torch.device = torch.device("cpu"), reps: int = 5) -> dict[str, float]:
+    """Best measured GFLOP/s of a square matmul in fp32 and bf16 (MKL/oneDNN on CPU, cuBLAS on GPU)."""
+    n = 8192 if device.type == "cuda" else 2048
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         torch.mm(a, b)
         best = float("inf")
         for _ in range(reps):
+            _sync(device)
             t = time.perf_counter()
             torch.mm(a, b)
+            _sync(device)
             best = min(best, time.perf_counter() - t)
         out[str(dtype).replace("torch.", "")] = 2 * n**3 / best / 1e9
     return out
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ------------------------------------------------------------------------------------------- recipes
 
 
-def sslkit_recipe(objective: str, batch: int, steps: int, workers: int, out_dir: str) -> dict:
+def sslkit_recipe(objective: str, batch: int, steps: int, workers: int, out_dir: str, device: str = "cpu") -> dict:
     base = {"name": f"bench_{objective}", "output_dir": out_dir,
             "data": {"name": "fashion_mnist", "batch_size": batch, "num_workers": workers},
             "optim": {"name": "adamw", "lr": 1e-3, "warmup_epochs": 0, "foreach": True},
-            "trainer": {"max_steps": steps, "checkpoint_every_steps": 0, "log_every_steps": 1000},
+            "trainer": {"max_steps": steps, "checkpoint_every_steps": 0, "log_every_steps": 1000,
+                        "accelerator": "gpu" if device == "cuda" else "cpu", "devices": 1, "progress": False},
             "eval": {"final_knn": False}}
     if objective == "simclr":
         base.update(augment={"name": "simclr", "image_size": IMAGE_SIZE}, encoder={"name": "resnet18_cifar"},
@@ -119,7 +166,8 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(to_pil_image(self.images[i])), 0
 
 
-def reference_setup(objective: str, images: torch.Tensor, batch: int, workers: int):
+def reference_setup(objective: str, images: torch.Tensor, batch: int, workers: int,
+                    device: torch.device = torch.device("cpu")):
     """lightly's example pipeline for ``objective``: (loader, model, step function, flops_fn)."""
     from lightly.loss import DINOLoss, NTXentLoss
     from lightly.models.modules import (
@@ -199,50 +247,70 @@ def reference_setup(objective: str, images: torch.Tensor, batch: int, workers: i
     else:
         raise ValueError(objective)
 
+    model.to(device)
     loader = torch.utils.data.DataLoader(PILDataset(images, transform), batch_size=batch, shuffle=True,
                                          drop_last=True, num_workers=workers, persistent_workers=workers > 0)
     return loader, model, opt, step
 
 
-def run_reference(objective: str, images: torch.Tensor, batch: int, steps: int, workers: int) -> dict:
-    loader, model, opt, step = reference_setup(objective, images, batch, workers)
+def run_reference(objective: str, images: torch.Tensor, batch: int, steps: int, workers: int,
+                  device: torch.device) -> dict:
+    loader, model, opt, step = reference_setup(objective, images, batch, workers, device)
     model.train()
-    with RSSPeak() as mem:
-        m = _reference_loop(loader, model, opt, step, batch, steps)
+    with RSSPeak() as mem, GPUBusy(device) as busy:
+        m = _reference_loop(loader, model, opt, step, batch, steps, device)
+    if device.type == "cuda":
+        m["gpu_busy_share"] = busy.mean(*m.pop("window"))
+        m["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    m.pop("window", None)
     return {**m, "peak_rss_gb": mem.peak}
 
 
-def _reference_loop(loader, model, opt, step, batch: int, steps: int) -> dict:
+def _reference_loop(loader, model, opt, step, batch: int, steps: int, device: torch.device) -> dict:
     it = iter(loader)
     times, waits = [], []
+    start = 0.0
     for i in range(steps + 2):
         t0 = time.perf_counter()
         views, _ = next(it)
+        views = [v.to(device) for v in views]  # as lightly's examples do
         t1 = time.perf_counter()
         loss = step(views)
         loss.backward()
         opt.step()
         opt.zero_grad()
+        _sync(device)  # per-step timing; lightly's examples sync at least once per step too (loss logging)
         t2 = time.perf_counter()
+        if i == 2:
+            start = t0
         if i >= 2:  # the same warm-up exclusion as the engine's steady-state figure
             times.append(t2 - t0)
             waits.append(t1 - t0)
     total = sum(times)
     return {"images_per_s": batch * steps / total, "data_wait_share": sum(waits) / total,
-            "precision": "32-true", "final_loss": float(loss)}
+            "precision": "32-true", "final_loss": float(loss), "window": (start, time.perf_counter())}
 
 
-def run_sslkit(objective: str, batch: int, steps: int, workers: int) -> dict:
+def run_sslkit(objective: str, batch: int, steps: int, workers: int, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = resolve(sslkit_recipe(objective, batch, steps + 2, workers, tmp))
+        cfg = resolve(sslkit_recipe(objective, batch, steps + 2, workers, tmp, device.type))
         t = time.perf_counter()
-        with RSSPeak() as mem:
+        with RSSPeak() as mem, GPUBusy(device) as busy:
             result = train(cfg)
-        wall = time.perf_counter() - t
+            end = time.perf_counter()
+        wall = end - t
         summary = json.loads((result.run_dir / "summary.json").read_text())
-    return {"images_per_s": summary["steady_images_per_s"], "data_wait_share": summary["data_wait_share"],
-            "peak_rss_gb": mem.peak, "precision": summary["precision"], "final_loss": summary["final_loss"],
-            "wall_s": wall}
+    out = {"images_per_s": summary["steady_images_per_s"], "data_wait_share": summary["data_wait_share"],
+           "peak_rss_gb": mem.peak, "precision": summary["precision"], "final_loss": summary["final_loss"],
+           "wall_s": wall}
+    if device.type == "cuda":
+        # the engine's steady window (after its warm-up steps) ends just before train() returns
+        steady_s = batch * steps / summary["steady_images_per_s"] if summary["steady_images_per_s"] else 0.0
+        out["gpu_busy_share"] = busy.mean(end - steady_s, end)
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
 
 
 def train_flops_per_image(objective: str, batch: int = 8) -> float:
@@ -266,30 +334,43 @@ def train_flops_per_image(objective: str, batch: int = 8) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objectives", nargs="+", default=["simclr", "dino", "mae"], choices=["simclr", "dino", "mae"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after 2 warm-up steps)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per measurement, after 2 warm-up steps (default 5 on CPU, 150 on GPU)")
     ap.add_argument("--rounds", type=int, default=2, help="alternations of reference and sslkit")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--images", type=int, default=10000, help="Fashion-MNIST training images used")
+    ap.add_argument("--workers", type=int, default=None, help="reference loader workers (default 2 on CPU, 8 on GPU)")
+    ap.add_argument("--images", type=int, default=None,
+                    help="Fashion-MNIST training images used (default 10000 on CPU, 60000 on GPU: no epoch end)")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args()
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible to PyTorch (check nvidia-smi and the torch build)")
+    args.steps = args.steps or (150 if cuda else 5)
+    args.workers = args.workers if args.workers is not None else (8 if cuda else 2)
+    args.images = args.images or (60000 if cuda else 10000)
+    device = torch.device(args.device)
 
     load_all()
     torch.manual_seed(0)
     images = DATASETS.build("fashion_mnist", split="train").images[: args.images]
-    peaks = matmul_peak_gflops()
-    results = {"machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "matmul_peak_gflops": peaks},
-               "settings": vars(args), "objectives": {}}
+    peaks = matmul_peak_gflops(device)
+    machine = {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+               "matmul_peak_gflops": peaks}
+    results = {"machine": machine, "settings": vars(args), "objectives": {}}
     for obj in args.objectives:
         flops = train_flops_per_image(obj)
         rounds = []
         for r in range(args.rounds):
-            ref = run_reference(obj, images, args.batch, args.steps, args.workers)
-            ours = run_sslkit(obj, args.batch, args.steps, args.workers)
+            ref = run_reference(obj, images, args.batch, args.steps, args.workers, device)
+            ours = run_sslkit(obj, args.batch, args.steps, 0 if cuda else args.workers, device)
             rounds.append({"reference": ref, "sslkit": ours})
-            print(f"[{obj} round {r}] lightly {ref['images_per_s']:.1f} img/s   sslkit {ours['images_per_s']:.1f} img/s",
-                  flush=True)
+            busy = (f"   GPU busy {100 * (ref.get('gpu_busy_share') or 0):.0f}% / "
+                    f"{100 * (ours.get('gpu_busy_share') or 0):.0f}%") if cuda else ""
+            print(f"[{obj} round {r}] lightly {ref['images_per_s']:.1f} img/s   sslkit {ours['images_per_s']:.1f} img/s"
+                  f"{busy}", flush=True)
         best = {k: max((rd[k] for rd in rounds), key=lambda m: m["images_per_s"]) for k in ("reference", "sslkit")}
         for m in best.values():
             peak = peaks["bfloat16"] if m["precision"].startswith("bf16") else max(peaks.values())
@@ -300,19 +381,29 @@ def main() -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "throughput.json").write_text(json.dumps(results, indent=2))
-    lines = ["| objective | pipeline | images/s | speed-up | data wait | peak RSS GB | GFLOP/img | MFU | precision |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    stem = "throughput_cuda" if cuda else "throughput"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    gpu_cols = " GPU busy | peak GPU GB |" if cuda else ""
+    lines = [f"Device: {machine['device']}, torch {torch.__version__}, batch {args.batch}, {args.steps} timed steps, "
+             f"best of {args.rounds} alternations.\n",
+             "| objective | pipeline | images/s | speed-up | data wait | peak RSS GB | GFLOP/img | MFU | precision |"
+             + gpu_cols,
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else "")]
     for obj, r in results["objectives"].items():
         for k in ("reference", "sslkit"):
             m = r["best"][k]
             sp = f"{r['speedup']:.2f}x" if k == "sslkit" else "1.00x"
-            lines.append(f"| {obj} | {'lightly' if k == 'reference' else 'sslkit'} | {m['images_per_s']:.1f} | {sp} | "
-                         f"{100 * (m['data_wait_share'] or 0):.1f}% | {m['peak_rss_gb']:.2f} | "
-                         f"{m['train_gflop_per_image']:.2f} | {100 * m['mfu_vs_best_matmul']:.0f}% | {m['precision']} |")
+            row = (f"| {obj} | {'lightly' if k == 'reference' else 'sslkit'} | {m['images_per_s']:.1f} | {sp} | "
+                   f"{100 * (m['data_wait_share'] or 0):.1f}% | {m['peak_rss_gb']:.2f} | "
+                   f"{m['train_gflop_per_image']:.2f} | {100 * m['mfu_vs_best_matmul']:.0f}% | {m['precision']} |")
+            if cuda:
+                b = m.get("gpu_busy_share")
+                row += f" {'n/a' if b is None else f'{100 * b:.0f}%'} | {m.get('peak_gpu_gb', 0):.2f} |"
+            lines.append(row)
     lines.append(f"\nmatmul peak measured: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s; "
-                 f"sslkit precision {_resolve_precision(resolve({}))} by default on this machine.")
-    (out / "throughput.md").write_text("\n".join(lines) + "\n")
+                 f"sslkit precision {'bf16-mixed' if cuda else _resolve_precision(resolve({}))} by default on this "
+                 f"{'GPU' if cuda else 'machine'}.")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

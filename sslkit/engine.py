@@ -388,6 +388,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
     else:
         torch.manual_seed(cfg.seed + rank)  # per-rank randomness (masks, dropout) for training
 
+    if fabric.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
     forward_module = torch.compile(objective) if cfg.trainer.compile else objective
     model, optimizer = fabric.setup(forward_module, optimizer, move_to_device=True)
     batched = None
@@ -460,21 +462,22 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             out = model(views, step)
             loss = out["loss"]
-            if _any_rank(fabric, not bool(torch.isfinite(loss.detach()))):
-                bad_steps = _nonfinite(cfg, bad_steps, step, "loss", float(loss.detach()), lr_sched[step], run_dir)
+            fabric.backward(loss)
+            objective.on_after_backward(step)
+            grad_norm = _clip_and_norm(fabric, cfg, model, optimizer, params)
+            # The step's one host-device sync: loss and gradient norm read together, so the GPU is not left idle
+            # between forward, backward and update. A non-finite loss makes the (all-reduced) gradients
+            # non-finite on every rank, so all ranks agree to skip; the loss is named when it is the cause.
+            loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)]).tolist()
+            bad_loss, bad_norm = not math.isfinite(loss_v), not math.isfinite(norm_v)
+            if _any_rank(fabric, bad_loss or bad_norm):
+                what, value = ("loss", loss_v) if bad_loss else ("gradient norm", norm_v)
+                bad_steps = _nonfinite(cfg, bad_steps, step, what, value, lr_sched[step], run_dir)
                 optimizer.zero_grad(set_to_none=True)
             else:
-                fabric.backward(loss)
-                objective.on_after_backward(step)
-                grad_norm = _clip_and_norm(fabric, cfg, model, optimizer, params)
-                if not bool(torch.isfinite(grad_norm)):  # gradients are already all-reduced: every rank agrees
-                    bad_steps = _nonfinite(cfg, bad_steps, step, "gradient norm", float(grad_norm), lr_sched[step],
-                                           run_dir)
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    objective.on_step_end(step)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                objective.on_step_end(step)
             step += 1
             batch_in_epoch += 1
             t1 = time.perf_counter()
@@ -486,7 +489,7 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
                 steady_time += t1 - t0
                 steady_images += global_batch
                 data_wait += t_data - t0
-            last_loss = float(loss.detach())
+            last_loss = loss_v
             if bar is not None:
                 bar.update(global_batch)
                 bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch, refresh=False)
