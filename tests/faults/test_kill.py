@@ -21,10 +21,11 @@ from safetensors.torch import load_file
 from sslkit.engine import load_checkpoint
 
 TINY = {
-    "data": {"name": "synthetic", "args": {"num_samples": 64, "image_size": 32}, "batch_size": 16, "num_workers": 0},
+    "data": {"name": "synthetic", "args": {"num_samples": 128, "image_size": 32}, "batch_size": 16, "num_workers": 0},
     "encoder": {"name": "vit_tiny_patch4_32", "depth": 2, "embed_dim": 64, "num_heads": 2},
     "optim": {"name": "adamw", "lr": 1e-3, "warmup_epochs": 1},
-    "trainer": {"epochs": 4, "log_every_steps": 1, "checkpoint_every_steps": 1},
+    # 96 steps, checkpointed at each: long enough to be killed three times at random points
+    "trainer": {"epochs": 12, "log_every_steps": 1, "checkpoint_every_steps": 1},
     "eval": {"final_knn": False},
 }
 OBJECTIVES = {
