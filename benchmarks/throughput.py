@@ -255,6 +255,8 @@ def reference_setup(objective: str, images: torch.Tensor, batch: int, workers: i
 
 def run_reference(objective: str, images: torch.Tensor, batch: int, steps: int, workers: int,
                   device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     loader, model, opt, step = reference_setup(objective, images, batch, workers, device)
     model.train()
     with RSSPeak() as mem, GPUBusy(device) as busy:
