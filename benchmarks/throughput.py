@@ -49,51 +49,56 @@ N_LOCAL = 6
 LOCAL_SIZE = 16
 
 
-class RSSPeak:
-    """Peak resident memory of this process and its loader workers while the block runs (sampled every 50 ms)."""
+class _Poller:
+    """Calls ``self._sample()`` every ``interval`` seconds on a background thread while the block runs."""
 
-    def __enter__(self) -> RSSPeak:
-        import threading
+    interval = 0.05
+    enabled = True
 
-        self.peak, self._stop = 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, tree_rss_gb())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class GPUBusy:
-    """Samples NVML's GPU utilisation (share of time a kernel ran) every 20 ms; ``mean(a, b)`` over a window."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.enabled = device.type == "cuda"
-        self.samples: list[tuple[float, float]] = []
-
-    def __enter__(self) -> GPUBusy:
+    def __enter__(self):
         import threading
 
         self._stop = threading.Event()
         if self.enabled:
-            torch.cuda.utilization()  # fails early, with NVML's own message, when pynvml is missing
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
         return self
 
     def _poll(self) -> None:
-        while not self._stop.wait(0.02):
-            self.samples.append((time.perf_counter(), float(torch.cuda.utilization())))
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        raise NotImplementedError
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self.enabled:
             self._thread.join()
+
+
+class RSSPeak(_Poller):
+    """Peak resident memory of this process and its loader workers while the block runs (sampled every 50 ms)."""
+
+    peak = 0.0
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, tree_rss_gb())
+
+
+class GPUBusy(_Poller):
+    """Samples NVML's GPU utilisation (share of time a kernel ran) every 20 ms; ``mean(a, b)`` over a window."""
+
+    interval = 0.02
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.samples: list[tuple[float, float]] = []
+        if self.enabled:
+            torch.cuda.utilization()  # fails early, with NVML's own message, when pynvml is missing
+
+    def _sample(self) -> None:
+        self.samples.append((time.perf_counter(), float(torch.cuda.utilization())))
 
     def mean(self, start: float, end: float) -> float | None:
         vals = [u for t, u in self.samples if start <= t <= end]
@@ -261,10 +266,10 @@ def run_reference(objective: str, images: torch.Tensor, batch: int, steps: int, 
     model.train()
     with RSSPeak() as mem, GPUBusy(device) as busy:
         m = _reference_loop(loader, model, opt, step, batch, steps, device)
+    window = m.pop("window")
     if device.type == "cuda":
-        m["gpu_busy_share"] = busy.mean(*m.pop("window"))
+        m["gpu_busy_share"] = busy.mean(*window)
         m["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    m.pop("window", None)
     return {**m, "peak_rss_gb": mem.peak}
 
 
