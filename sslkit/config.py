@@ -86,6 +86,7 @@ class EvalConfig:
     final_knn: bool = True  # k-NN of the eval encoder on data.eval_split after training
     knn_k: int = 20
     knn_temperature: float = 0.07
+    knn_center: bool = True  # subtract the bank's mean feature before normalising, as raw pixels need (eval.knn)
     knn_train_subset: int | None = None  # bank size for the monitor (None = whole train split)
     knn_test_subset: int | None = None
     # The online monitor's bank and queries (None = knn_train_subset / knn_test_subset): a small monitor keeps

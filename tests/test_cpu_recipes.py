@@ -58,5 +58,7 @@ def test_cpu_recipe_trains_through_the_engine(name, tmp_path):
     assert len(monitor) == 1 and 0.0 < float(monitor[0]["train_seconds"]) < 600
     assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows if r.get("loss"))
     assert result.knn is not None and result.knn["bank"] == 400 and "pixels_top1" in result.knn
+    # Encoder and pixels centred alike (the recipes' default), with DINO's uncentred figure alongside.
+    assert cfg.eval.knn_center and 0.0 <= result.knn["top1_uncentred"] <= 100.0
     encoder, _ = load_encoder(result.run_dir)
     assert encoder(torch.randn(2, 3, 28, 28)).shape[0] == 2

@@ -81,8 +81,27 @@ def test_resnet_cifar_shapes_and_resolution(widths, depths, stride, size):
     assert sum(p.numel() for p in enc.parameters()) < 0.2 * 11.2e6
 
 
+@pytest.mark.parametrize(("grid", "size"), [(2, 20), (2, 28), (3, 32)])
+def test_resnet_cifar_pool_grid_keeps_a_coarse_layout(grid, size):
+    """pool_grid g: the last map average-pooled to g x g and flattened channel-major (dim widths[-1] * g * g)."""
+    torch.manual_seed(0)
+    enc = ENCODERS.build("resnet_cifar", widths=[8, 16], depths=[1, 1], pool_grid=grid).eval()
+    assert enc.dim == 16 * grid * grid
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        fmap = enc.model.forward_features(x)  # (B, 16, h, w)
+        want = torch.stack([torch.stack([fmap[:, :, (i * fmap.shape[2]) // grid:-(-((i + 1) * fmap.shape[2]) // grid),
+                                              (j * fmap.shape[3]) // grid:-(-((j + 1) * fmap.shape[3]) // grid)]
+                                         .mean(dim=(2, 3)) for j in range(grid)], dim=-1)
+                            for i in range(grid)], dim=-2).flatten(1)  # (B, 16 * g * g), PyTorch's bin edges
+        assert torch.allclose(enc(x), want, atol=1e-5)
+    # A flipped image lands in mirrored cells: the feature is not flip-invariant, unlike the global pool.
+    with torch.no_grad():
+        assert not torch.allclose(enc(x), enc(x.flip(-1)), atol=1e-3)
+
+
 @pytest.mark.parametrize("bad", [{"widths": [32, 64], "depths": [1]}, {"widths": [], "depths": []},
-                                 {"stem_stride": 4}, {"depths": [1, 0, 1, 1]}])
+                                 {"stem_stride": 4}, {"depths": [1, 0, 1, 1]}, {"pool_grid": 0}])
 def test_resnet_cifar_rejects_bad_shapes(bad):
     with pytest.raises(ValueError, match="resnet_cifar"):
         ENCODERS.build("resnet_cifar", **bad)

@@ -110,12 +110,16 @@ class _StagedResNet(ResNet):
 
 @ENCODERS.register("resnet_cifar", help="ResNet with BasicBlocks, chosen widths and depths, 3x3 stem (small images)")
 def resnet_cifar(widths: list[int] = (64, 128, 256, 512), depths: list[int] = (2, 2, 2, 2), stem_stride: int = 1,
-                 zero_init_residual: bool = True) -> Encoder:
+                 zero_init_residual: bool = True, pool_grid: int = 1) -> Encoder:
     """A CIFAR-style ResNet of any width and depth: 3x3 stem (stride ``stem_stride``), no max-pool, one stage per
     entry of ``widths``/``depths``, each after the first halving the resolution.
 
     The defaults are the CIFAR ResNet-18. Narrow, shallow ones are the fast CPU encoders: widths (32, 64, 128, 256)
     with one block per stage costs 0.105 GFLOP per 28 px image, a ninth of the ResNet-18's 0.95.
+
+    ``pool_grid`` g > 1 average-pools the last feature map to a g x g grid and flattens it (``dim`` is
+    ``widths[-1] * g * g``): the feature keeps where things are, which matters for aligned images such as
+    Fashion-MNIST. 1 is the usual global average pool.
     """
     widths, depths = tuple(int(w) for w in widths), tuple(int(d) for d in depths)
     if len(widths) != len(depths) or not widths or min(widths) <= 0 or min(depths) <= 0:
@@ -123,6 +127,8 @@ def resnet_cifar(widths: list[int] = (64, 128, 256, 512), depths: list[int] = (2
                          f"got widths={list(widths)} depths={list(depths)}")
     if stem_stride not in (1, 2):
         raise ValueError(f"resnet_cifar stem_stride must be 1 or 2, got {stem_stride}")
+    if int(pool_grid) < 1:
+        raise ValueError(f"resnet_cifar pool_grid must be a positive integer (1 = global average pool), got {pool_grid}")
     model = _StagedResNet(BasicBlock, depths, num_classes=0, channels=widths, zero_init_last=zero_init_residual)
     model.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=stem_stride, padding=1, bias=False)
     model.bn1 = nn.BatchNorm2d(widths[0])
@@ -134,6 +140,9 @@ def resnet_cifar(widths: list[int] = (64, 128, 256, 512), depths: list[int] = (2
         model.add_module(name, stage)
     model.stage_names = [name for name, _ in stages]
     model.num_features = widths[-1]
+    if int(pool_grid) > 1:
+        model.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(int(pool_grid)), nn.Flatten(1))  # (B, C * g * g)
+        model.num_features = widths[-1] * int(pool_grid) ** 2
     model.init_weights(zero_init_last=zero_init_residual)
     return Encoder(model, "resnet_cifar")
 

@@ -65,6 +65,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, nargs="+", default=list(knn_mod.DEFAULT_KS), help="neighbours (several allowed)")
     p.add_argument("--temperature", type=float, default=knn_mod.DEFAULT_TEMPERATURE,
                    help="vote temperature T (DINO: 0.07)")
+    p.add_argument("--no-center", action="store_true",
+                   help="do not subtract the bank's mean feature before normalising (DINO's exact protocol; the "
+                        "default centres every feature source, as raw pixels need)")
     p.set_defaults(func=cmd_knn)
 
     p = subparsers.add_parser("linear", help="linear probe on frozen features",
@@ -167,7 +170,8 @@ def _run(kind: str, args: argparse.Namespace, kw: dict[str, Any]) -> int:
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    return _run("knn", args, {"k": args.k, "temperature": args.temperature, "plots": not args.no_plots})
+    return _run("knn", args, {"k": args.k, "temperature": args.temperature, "center": not args.no_center,
+                              "plots": not args.no_plots})
 
 
 def cmd_linear(args: argparse.Namespace) -> int:

@@ -8,6 +8,11 @@ among the 5 highest-scoring classes that received a vote (so, as in DINO, top-5 
 Search uses a FAISS ``IndexFlatIP`` (exact), on the GPU when CUDA and a GPU build of faiss are present;
 queries are processed in chunks, and the result does not depend on the chunk size.
 
+``center=True`` subtracts the bank's mean feature from bank and queries before the L2 normalisation. Raw pixels
+need it (Fashion-MNIST k=20: 84.6% without, 86.1% with), and sslkit's reports apply it to every feature
+source, pixels and encoders alike, so that they are compared under one protocol; ``center=False`` is DINO's
+protocol exactly, and the reports give that figure too.
+
 Example::
 
     res = knn_classify(train_f, train_y, test_f, test_y, k=[10, 20])
@@ -121,7 +126,7 @@ def _check_inputs(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fe
 def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, *, k: int | list[int] = DEFAULT_K, temperature: float = DEFAULT_TEMPERATURE,
                  num_classes: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 use_gpu: bool | None = None) -> dict:
+                 use_gpu: bool | None = None, center: bool = False) -> dict:
     """Temperature-weighted k-NN accuracy (DINO ``eval_knn.py``), in percent.
 
     Args:
@@ -134,6 +139,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         num_classes: C; None = 1 + the largest label seen.
         chunk_size: queries per search call (memory bound only; results do not depend on it).
         use_gpu: FAISS on GPU; None = when available.
+        center: subtract the bank's mean feature from both sets before normalising (see the module notes).
 
     Returns:
         ``{"top1": %, "top5": %}`` for an int ``k``; ``{k: {"top1": %, "top5": %}}`` for a list.
@@ -148,6 +154,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     test_y = torch.as_tensor(test_labels).long().cpu()  # (Q,)
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max() if len(test_y) else 0)) + 1
+    if center:
+        mean = torch.as_tensor(train_feats).float().mean(dim=0, keepdim=True)  # (1, D)
+        train_feats, test_feats = torch.as_tensor(train_feats).float() - mean, torch.as_tensor(test_feats).float() - mean
     bank = l2_normalize(train_feats)  # (N, D)
     queries = l2_normalize(test_feats)  # (Q, D)
     index = flat_ip_index(bank, use_gpu)

@@ -319,9 +319,13 @@ def _num_classes(ctx: EvalContext, *label_sets: torch.Tensor) -> int:
 
 
 def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
-            temperature: float = knn_mod.DEFAULT_TEMPERATURE, plots: bool = True,
+            temperature: float = knn_mod.DEFAULT_TEMPERATURE, center: bool = True, plots: bool = True,
             max_plot_points: int = 2000, **opts: Any) -> dict:
     """Weighted k-NN (DINO) of the eval split against the train split; see :func:`load_context` for ``opts``.
+
+    ``center`` (default on) subtracts the bank's mean feature before the L2 normalisation, for every feature
+    source alike (raw pixels need it; see :mod:`sslkit.eval.knn`). With it on, each ``k`` also carries
+    ``top1_uncentred`` and ``top5_uncentred``: DINO's exact protocol, without centring.
 
     Returns the results payload; ``metrics`` maps each ``k`` (as a string) to ``{"top1", "top5"}`` (%).
     """
@@ -329,21 +333,28 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
     ctx = load_context(run_dir, **opts)
     ks = [int(k)] if isinstance(k, int) else [int(v) for v in k]
     train, test = ctx.features("train"), ctx.features(ctx.eval_split)
-    tr_f, te_f = _postprocess(ctx, train, test)
-    res, t_eval = _timed(lambda: knn_mod.knn_classify(tr_f, train.labels, te_f, test.labels, k=ks,
-                                                      temperature=temperature,
-                                                      num_classes=_num_classes(ctx, train.labels, test.labels)))
-    metrics = {str(kk): v for kk, v in res.items()}
+    num_classes = _num_classes(ctx, train.labels, test.labels)
+
+    def knn(c: bool) -> dict:  # raw features in: knn_classify centres (or not) and normalises, pixels included
+        return knn_mod.knn_classify(train.features, train.labels, test.features, test.labels, k=ks,
+                                    temperature=temperature, num_classes=num_classes, center=c)
+
+    res, t_eval = _timed(lambda: knn(center))
+    metrics = {str(kk): dict(v) for kk, v in res.items()}
+    if center:
+        for kk, v in knn(False).items():
+            metrics[str(kk)].update({"top1_uncentred": v["top1"], "top5_uncentred": v["top5"]})
     pics: list[Path] = []
     if plots:
         from sslkit.eval.plots import embedding_plot
 
         out = eval_dir(ctx.run_dir, "knn", ctx.baseline)
+        _, te_f = _postprocess(ctx, train, test)
         pics.append(embedding_plot(te_f, test.labels, out / "embedding_tsne.png",
                                    class_names=getattr(ctx.dataset(ctx.eval_split), "classes", None),
                                    max_points=max_plot_points, seed=ctx.seed,
                                    title=f"t-SNE of {ctx.eval_split} features: {ctx.source}"))
-    settings = {"k": ks, "temperature": temperature, "metric": "cosine", "index": "Flat (exact)",
+    settings = {"k": ks, "temperature": temperature, "metric": "cosine", "center": center, "index": "Flat (exact)",
                 "faiss_gpu": knn_mod.faiss_gpu_available()}
     return _finish(ctx, "knn", metrics, settings, {"train": train, ctx.eval_split: test}, t0, t_eval, pics)
 

@@ -59,6 +59,20 @@ def test_baselines_and_copy_detection(run_dir):
     pix = run_knn(run_dir, k=[10], baseline="pixels", plots=False, progress=False)
     rnd = run_knn(run_dir, k=[10], baseline="random", plots=False, progress=False)
     assert pix["results_path"].endswith("knn_pixels/results.json")
+    # Pixels and encoders go through one protocol: centred on the bank mean by default, and the uncentred
+    # (DINO) figure alongside; here checked against k-NN on hand-made pixel features.
+    from sslkit.eval.knn import knn_classify
+    from sslkit.eval.report import load_context
+
+    ctx = load_context(run_dir, baseline="pixels", progress=False)
+    tr, te = ctx.features("train"), ctx.features(ctx.eval_split)
+    images = torch.stack([ctx.dataset("train")[i][0] for i in range(len(tr.labels))]).float() / 255.0
+    assert torch.allclose(tr.features, images[:, : tr.features.shape[1] // images[0, 0].numel()].flatten(1), atol=1e-5)
+    for center, key in ((True, "top1"), (False, "top1_uncentred")):
+        want = knn_classify(tr.features, tr.labels, te.features, te.labels, k=10, center=center)["top1"]
+        assert pix["metrics"]["10"][key] == pytest.approx(want)
+    assert pix["settings"]["center"] is True
+    assert rnd["metrics"]["10"]["top1_uncentred"] >= 0
     assert rnd["features"]["encoder_hash"] != pix["features"]["encoder_hash"]
     copy = run_copy_detection(run_dir, num_queries=8, progress=False)
     assert copy["metrics"]["num_queries"] == 8 and 0 <= copy["metrics"]["map"] <= 100

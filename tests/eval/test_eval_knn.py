@@ -83,3 +83,18 @@ def test_knn_rejects_bad_input():
         knn_classify(x, y, x, y, k=0)
     with pytest.raises(ValueError, match="unlabelled"):
         knn_classify(x, y - 1, x, y)
+
+
+def test_knn_center_matches_numpy_on_centred_features_and_ignores_a_shared_offset():
+    """center=True is the brute-force reference on features minus the bank's mean; a vector added to every
+    feature (bank and queries) cannot change it, while the uncentred protocol does change."""
+    xtr, ytr, xte, yte = _data(300, 80, seed=3)
+    mu = xtr.numpy().mean(axis=0, keepdims=True)
+    want = numpy_knn(xtr.numpy() - mu, ytr.numpy(), xte.numpy() - mu, yte.numpy(), 20, 0.07, 7)
+    got = knn_classify(xtr, ytr, xte, yte, k=20, num_classes=7, center=True)
+    assert got["top1"] == pytest.approx(want["top1"])
+    assert got["top5"] == pytest.approx(want["top5"])
+    offset = 4.0 * torch.randn(1, xtr.shape[1], generator=torch.Generator().manual_seed(0))
+    shifted = knn_classify(xtr + offset, ytr, xte + offset, yte, k=20, num_classes=7, center=True)
+    assert shifted["top1"] == pytest.approx(got["top1"], abs=100.0 / 80 + 1e-9)  # at most one float-tie flip
+    assert knn_classify(xtr + offset, ytr, xte + offset, yte, k=20, num_classes=7)["top1"] != got["top1"]
