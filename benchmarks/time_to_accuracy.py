@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(run)
         minutes = summary["train_seconds"] / 60
         final = evaluate(run, "none", args, linear=not args.no_linear)
-        if "pixels" not in results["baselines"]:
+        if "knn_top1_uncentred" not in results["baselines"].get("pixels", {}):  # absent, or from before centring
             results["baselines"]["pixels"] = evaluate(run, "pixels", args, linear=not args.no_linear)
         # Recipes sharing an encoder (SimCLR and DINO here) share its random-init baseline: evaluate it once.
         enc_key = json.dumps(OmegaConf.to_container(cfg.encoder), sort_keys=True)

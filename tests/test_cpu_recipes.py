@@ -38,7 +38,7 @@ def test_cnn_recipes_train_at_20px_and_evaluate_at_28px(name):
     out = objective([torch.stack([c, c.flip(-1)]) for c in crops], 0)
     assert torch.isfinite(out["loss"])
     feats = objective.eval_encoder().eval()(torch.randn(2, 3, 28, 28))
-    assert feats.shape == (2, 256)
+    assert feats.shape == (2, 256 * 2 * 2)  # pool_grid 2: the 4x4 map at 28 px pooled to 2x2
 
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
