@@ -295,7 +295,7 @@ def _reference_loop(loader, model, opt, step, batch: int, steps: int, device: to
             waits.append(t1 - t0)
     total = sum(times)
     return {"images_per_s": batch * steps / total, "data_wait_share": sum(waits) / total,
-            "precision": "32-true", "final_loss": float(loss), "window": (start, time.perf_counter())}
+            "precision": "32-true", "final_loss": float(loss.detach()), "window": (start, time.perf_counter())}
 
 
 def run_sslkit(objective: str, batch: int, steps: int, workers: int, device: torch.device) -> dict:
