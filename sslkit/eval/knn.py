@@ -155,8 +155,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max() if len(test_y) else 0)) + 1
     if center:
-        mean = torch.as_tensor(train_feats).float().mean(dim=0, keepdim=True)  # (1, D)
-        train_feats, test_feats = torch.as_tensor(train_feats).float() - mean, torch.as_tensor(test_feats).float() - mean
+        train_feats, test_feats = torch.as_tensor(train_feats).float(), torch.as_tensor(test_feats).float()
+        mean = train_feats.mean(dim=0, keepdim=True)  # (1, D)
+        train_feats, test_feats = train_feats - mean, test_feats - mean
     bank = l2_normalize(train_feats)  # (N, D)
     queries = l2_normalize(test_feats)  # (Q, D)
     index = flat_ip_index(bank, use_gpu)

@@ -349,7 +349,8 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
         from sslkit.eval.plots import embedding_plot
 
         out = eval_dir(ctx.run_dir, "knn", ctx.baseline)
-        _, te_f = _postprocess(ctx, train, test)
+        # The picture follows the k-NN's protocol: centred on the bank mean when the k-NN was.
+        te_f = test.features - train.features.mean(dim=0, keepdim=True) if center else test.features
         pics.append(embedding_plot(te_f, test.labels, out / "embedding_tsne.png",
                                    class_names=getattr(ctx.dataset(ctx.eval_split), "classes", None),
                                    max_points=max_plot_points, seed=ctx.seed,
