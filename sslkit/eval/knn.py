@@ -40,6 +40,13 @@ def faiss_gpu_available() -> bool:
     return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def center_on(reference: torch.Tensor | np.ndarray, *others: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
+    """``reference`` and ``others`` (float32) minus ``reference``'s mean row. ``(N, D)`` each."""
+    sets = [torch.as_tensor(t).float() for t in (reference, *others)]
+    mean = sets[0].mean(dim=0, keepdim=True)  # (1, D)
+    return [t - mean for t in sets]
+
+
 def l2_normalize(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm, as contiguous float32 NumPy (what FAISS wants). ``(N, D) -> (N, D)``."""
     a = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
@@ -155,9 +162,7 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max() if len(test_y) else 0)) + 1
     if center:
-        train_feats, test_feats = torch.as_tensor(train_feats).float(), torch.as_tensor(test_feats).float()
-        mean = train_feats.mean(dim=0, keepdim=True)  # (1, D)
-        train_feats, test_feats = train_feats - mean, test_feats - mean
+        train_feats, test_feats = center_on(train_feats, test_feats)
     bank = l2_normalize(train_feats)  # (N, D)
     queries = l2_normalize(test_feats)  # (Q, D)
     index = flat_ip_index(bank, use_gpu)

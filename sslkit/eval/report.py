@@ -84,8 +84,7 @@ class PixelEncoder(nn.Module):
 
 def center_and_normalize(reference: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
     """Subtract ``reference``'s mean row from every set, then L2-normalise rows. ``(N, D)`` each."""
-    mean = reference.mean(dim=0, keepdim=True)  # (1, D)
-    return [torch.nn.functional.normalize(t - mean, dim=1) for t in (reference, *others)]
+    return [torch.nn.functional.normalize(t, dim=1) for t in knn_mod.center_on(reference, *others)]
 
 
 def _is_grayscale(ds: Dataset) -> bool:
@@ -350,7 +349,7 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
 
         out = eval_dir(ctx.run_dir, "knn", ctx.baseline)
         # The picture follows the k-NN's protocol: centred on the bank mean when the k-NN was.
-        te_f = test.features - train.features.mean(dim=0, keepdim=True) if center else test.features
+        te_f = knn_mod.center_on(train.features, test.features)[1] if center else test.features
         pics.append(embedding_plot(te_f, test.labels, out / "embedding_tsne.png",
                                    class_names=getattr(ctx.dataset(ctx.eval_split), "classes", None),
                                    max_points=max_plot_points, seed=ctx.seed,
