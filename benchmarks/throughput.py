@@ -131,11 +131,12 @@ def _sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------- recipes
 
 
-def sslkit_recipe(objective: str, batch: int, steps: int, workers: int, out_dir: str, device: str = "cpu") -> dict:
+def sslkit_recipe(objective: str, batch: int, steps: int, workers: int, out_dir: str, device: str = "cpu",
+                  compile: bool = False) -> dict:
     base = {"name": f"bench_{objective}", "output_dir": out_dir,
             "data": {"name": "fashion_mnist", "batch_size": batch, "num_workers": workers},
             "optim": {"name": "adamw", "lr": 1e-3, "warmup_epochs": 0, "foreach": True},
-            "trainer": {"max_steps": steps, "checkpoint_every_steps": 0, "log_every_steps": 1000,
+            "trainer": {"max_steps": steps, "checkpoint_every_steps": 0, "log_every_steps": 1000, "compile": compile,
                         "accelerator": "gpu" if device == "cuda" else "cpu", "devices": 1, "progress": False},
             "eval": {"final_knn": False}}
     if objective == "simclr":
@@ -298,11 +299,12 @@ def _reference_loop(loader, model, opt, step, batch: int, steps: int, device: to
             "precision": "32-true", "final_loss": float(loss.detach()), "window": (start, time.perf_counter())}
 
 
-def run_sslkit(objective: str, batch: int, steps: int, workers: int, device: torch.device) -> dict:
+def run_sslkit(objective: str, batch: int, steps: int, workers: int, device: torch.device,
+               compile: bool = False) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = resolve(sslkit_recipe(objective, batch, steps + 2, workers, tmp, device.type))
+        cfg = resolve(sslkit_recipe(objective, batch, steps + 2, workers, tmp, device.type, compile))
         t = time.perf_counter()
         with RSSPeak() as mem, GPUBusy(device) as busy:
             result = train(cfg)
@@ -312,6 +314,8 @@ def run_sslkit(objective: str, batch: int, steps: int, workers: int, device: tor
     out = {"images_per_s": summary["steady_images_per_s"], "data_wait_share": summary["data_wait_share"],
            "peak_rss_gb": mem.peak, "precision": summary["precision"], "final_loss": summary["final_loss"],
            "wall_s": wall}
+    if compile:  # torch.compile's one-off cost: the first step's time, outside the steady window
+        out["compile_s"] = summary["first_step_seconds"]
     if device.type == "cuda":
         # the engine's steady window (after its warm-up steps) ends just before train() returns
         steady_s = batch * steps / summary["steady_images_per_s"] if summary["steady_images_per_s"] else 0.0
@@ -349,6 +353,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=None, help="reference loader workers (default 2 on CPU, 8 on GPU)")
     ap.add_argument("--images", type=int, default=None,
                     help="Fashion-MNIST training images used (default 10000 on CPU, 60000 on GPU: no epoch end)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time sslkit with trainer.compile=true (torch.compile); its compile time is reported "
+                         "separately and the steady images/s excludes it")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args()
     cuda = args.device == "cuda"
@@ -374,17 +381,26 @@ def main() -> int:
             ref = run_reference(obj, images, args.batch, args.steps, args.workers, device)
             ours = run_sslkit(obj, args.batch, args.steps, 0 if cuda else args.workers, device)
             rounds.append({"reference": ref, "sslkit": ours})
+            if args.compile:
+                rounds[-1]["sslkit_compiled"] = run_sslkit(obj, args.batch, args.steps, 0 if cuda else args.workers,
+                                                           device, compile=True)
+                print(f"[{obj} round {r}] sslkit compiled {rounds[-1]['sslkit_compiled']['images_per_s']:.1f} img/s "
+                      f"(compile {rounds[-1]['sslkit_compiled']['compile_s']:.0f} s)", flush=True)
             busy = (f"   GPU busy {100 * (ref.get('gpu_busy_share') or 0):.0f}% / "
                     f"{100 * (ours.get('gpu_busy_share') or 0):.0f}%") if cuda else ""
             print(f"[{obj} round {r}] lightly {ref['images_per_s']:.1f} img/s   sslkit {ours['images_per_s']:.1f} img/s"
                   f"{busy}", flush=True)
-        best = {k: max((rd[k] for rd in rounds), key=lambda m: m["images_per_s"]) for k in ("reference", "sslkit")}
+        kinds = ("reference", "sslkit", *(("sslkit_compiled",) if args.compile else ()))
+        best = {k: max((rd[k] for rd in rounds), key=lambda m: m["images_per_s"]) for k in kinds}
         for m in best.values():
             peak = peaks["bfloat16"] if m["precision"].startswith("bf16") else max(peaks.values())
             m["train_gflop_per_image"] = flops / 1e9
             m["mfu_vs_best_matmul"] = flops * m["images_per_s"] / (peak * 1e9)
         results["objectives"][obj] = {"best": best, "rounds": rounds,
                                       "speedup": best["sslkit"]["images_per_s"] / best["reference"]["images_per_s"]}
+        if args.compile:
+            results["objectives"][obj]["speedup_compiled"] = (best["sslkit_compiled"]["images_per_s"]
+                                                              / best["reference"]["images_per_s"])
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -397,10 +413,13 @@ def main() -> int:
              + gpu_cols,
              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else "")]
     for obj, r in results["objectives"].items():
-        for k in ("reference", "sslkit"):
+        for k in r["best"]:
             m = r["best"][k]
-            sp = f"{r['speedup']:.2f}x" if k == "sslkit" else "1.00x"
-            row = (f"| {obj} | {'lightly' if k == 'reference' else 'sslkit'} | {m['images_per_s']:.1f} | {sp} | "
+            sp = {"reference": "1.00x", "sslkit": f"{r['speedup']:.2f}x",
+                  "sslkit_compiled": f"{r.get('speedup_compiled', 0):.2f}x"}[k]
+            name = {"reference": "lightly", "sslkit": "sslkit",
+                    "sslkit_compiled": f"sslkit + torch.compile ({m.get('compile_s', 0):.0f} s to compile)"}[k]
+            row = (f"| {obj} | {name} | {m['images_per_s']:.1f} | {sp} | "
                    f"{100 * (m['data_wait_share'] or 0):.1f}% | {m['peak_rss_gb']:.2f} | "
                    f"{m['train_gflop_per_image']:.2f} | {100 * m['mfu_vs_best_matmul']:.0f}% | {m['precision']} |")
             if cuda:

@@ -228,6 +228,29 @@ def test_grouped_forward_equals_per_crop_forward():
     torch.testing.assert_close(grouped, separate, rtol=1e-4, atol=1e-5)
 
 
+def test_koleo_adds_lightly_koleo_of_each_global_crop():
+    """koleo_weight w adds w * sum over global crops of lightly's KoLeoLoss on the student's encoder features."""
+    from lightly.loss import KoLeoLoss
+
+    views = make_views(5, batch=6)
+    plain, reg = tiny_dino(seed=1).eval(), tiny_dino(seed=1, koleo_weight=0.25).eval()  # eval: dropout-free
+    for obj in (plain, reg):
+        obj.setup_schedule(5, 10)
+    with torch.no_grad():
+        base, out = plain(views, 0), reg(views, 0)
+        feats = reg.encoder(torch.cat(views[:2]))  # the global crops' group, as the grouped forward encodes it
+    expected = sum(KoLeoLoss()(f) for f in feats.chunk(2))
+    torch.testing.assert_close(out["koleo"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], base["loss"] + 0.25 * expected, rtol=1e-5, atol=1e-6)
+    assert "koleo" not in base
+    # and it reaches the student encoder: the same weights get a different gradient
+    grads = [torch.autograd.grad(obj(views, 0)["loss"], obj.encoder.model.patch_embed.proj.weight)[0]
+             for obj in (plain, reg)]
+    assert not torch.allclose(grads[0], grads[1])
+    with pytest.raises(ValueError, match="koleo_weight"):
+        tiny_dino(koleo_weight=-1.0)
+
+
 def test_forward_rejects_views_without_two_global_crops():
     obj = tiny_dino()
     obj.setup_schedule(5, 10)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from lightly.loss import NTXentLoss
+from lightly.loss import DCLLoss, NTXentLoss
 
 from sslkit.objectives.simclr import SimCLR, SimCLRConfig, nt_xent
 from sslkit.registry import ENCODERS, load_all
@@ -24,6 +24,21 @@ def test_nt_xent_equals_lightly(temperature, batch):
         g_ref = torch.autograd.grad(NTXentLoss(temperature=temperature)(z0, z1), [z0, z1])
         for a, b in zip(g_ours, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+@pytest.mark.parametrize("batch", [2, 9, 64])
+def test_decoupled_nt_xent_equals_lightly_dcl(temperature, batch):
+    g = torch.Generator().manual_seed(batch + int(temperature * 10))
+    z0 = torch.randn(batch, 16, generator=g, requires_grad=True)
+    z1 = torch.randn(batch, 16, generator=g, requires_grad=True)
+    ours = nt_xent(z0, z1, temperature, decoupled=True)
+    ref = DCLLoss(temperature=temperature)(z0, z1)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(ours, [z0, z1]), torch.autograd.grad(DCLLoss(temperature)(z0, z1), [z0, z1])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # and it is a different loss: the positive's term is missing from the denominator
+    assert not torch.allclose(ours, nt_xent(z0, z1, temperature))
 
 
 def test_nt_xent_positive_pairs_lower_the_loss():

@@ -230,18 +230,24 @@ def size_groups(views: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     return groups
 
 
-def multicrop_forward(encoder: nn.Module, head: nn.Module, views: Sequence[torch.Tensor]) -> torch.Tensor:
+def multicrop_forward(encoder: nn.Module, head: nn.Module, views: Sequence[torch.Tensor],
+                      return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Encode crops with one encoder pass per resolution, then one head pass over all crops.
 
     Args:
         views: V tensors (B, 3, h_v, w_v); consecutive views of equal size are batched together.
+        return_features: also return the encoder features of the first size group (the global crops).
 
     Returns:
-        (V, B, K) head outputs, in the order of ``views``.
+        (V, B, K) head outputs, in the order of ``views``; with ``return_features`` also the (G, B, D)
+        encoder features of the first G views (those of the first crop size).
     """
     feats = [encoder(torch.cat(list(views[a:b]), dim=0)) for a, b in size_groups(views)]  # each (n_g * B, D)
     out = head(torch.cat(feats, dim=0))  # (V * B, K)
-    return out.reshape(len(views), views[0].shape[0], -1)
+    out = out.reshape(len(views), views[0].shape[0], -1)
+    if return_features:
+        return out, feats[0].reshape(-1, views[0].shape[0], feats[0].shape[-1])
+    return out
 
 
 # --------------------------------------------------------------------------------------------- objective
@@ -279,6 +285,10 @@ class DINOConfig:
     num_global_views: int = 2  # leading views that are global crops (teacher input); multicrop makes 2
     # The official teacher is built without stochastic depth (drop_path) even when the student has it.
     teacher_stochastic_depth: bool = False
+    # KoLeo regulariser (DINOv2, Oquab et al. 2023; Sablayrolles et al. 2019) on the student's encoder features
+    # of each global crop: -mean log(distance to the nearest other image in the batch) of the L2-normalised
+    # features, which spreads them evenly and helps nearest-neighbour retrieval. DINOv2 uses 0.1; 0 = off.
+    koleo_weight: float = 0.0
 
 
 @OBJECTIVES.register("dino", config=DINOConfig,
@@ -310,6 +320,10 @@ class DINO(Objective):
             _strip_stochastic_depth(self.teacher)
         self.teacher.requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # (1, K), in state_dict for exact resume
+        if cfg.koleo_weight > 0:
+            from lightly.loss import KoLeoLoss
+
+            self.koleo = KoLeoLoss()
 
     # ----- schedules (pure functions of the global step)
 
@@ -335,15 +349,20 @@ class DINO(Objective):
                              f"{[tuple(v.shape[-2:]) for v in views]}. Use augment.name=multicrop.")
         with torch.no_grad():
             t_out = multicrop_forward(self.teacher["encoder"], self.teacher["head"], views[:n_global])  # (2, B, K)
-        s_out = multicrop_forward(self.encoder, self.head, views)  # (V, B, K)
+        s_out, s_feats = multicrop_forward(self.encoder, self.head, views, return_features=True)  # (V, B, K)
         temp = self.teacher_temp(step)
         loss = dino_loss(t_out, s_out, self.center, temp, self.cfg.student_temp)
         entropy = teacher_entropy(t_out, self.center, temp)
         if self.training:  # after the loss: this step used the previous center (as in the paper)
             self.center.copy_(update_center(self.center, t_out, self.cfg.center_momentum))
         scalar = lambda x: torch.tensor(x, device=loss.device)  # noqa: E731
-        return {"loss": loss, "teacher_temp": scalar(temp), "teacher_momentum": scalar(self.momentum(step)),
-                "teacher_entropy": entropy}
+        out = {"teacher_temp": scalar(temp), "teacher_momentum": scalar(self.momentum(step)),
+               "teacher_entropy": entropy}
+        if self.cfg.koleo_weight > 0:
+            koleo = sum(self.koleo(f.float()) for f in s_feats[:n_global])  # per global crop, as in DINOv2
+            out["koleo"] = koleo.detach()
+            loss = loss + self.cfg.koleo_weight * koleo
+        return {"loss": loss, **out}
 
     def on_after_backward(self, step: int) -> None:
         """While frozen, drop the last layer's gradients (None, so AdamW's weight decay skips it too)."""
@@ -369,6 +388,8 @@ def _validate(cfg: DINOConfig) -> None:
                 "head_bottleneck_dim": cfg.head_bottleneck_dim, "student_temp": cfg.student_temp,
                 "teacher_temp": cfg.teacher_temp, "warmup_teacher_temp": cfg.warmup_teacher_temp,
                 "num_global_views": cfg.num_global_views}
+    if cfg.koleo_weight < 0:
+        raise ValueError(f"objective.koleo_weight must be >= 0 (0 = off, DINOv2 uses 0.1), got {cfg.koleo_weight}")
     for k, v in positive.items():
         if v <= 0:
             raise ValueError(f"objective.{k} must be > 0, got {v}")

@@ -28,18 +28,23 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x), dim=0)
 
 
-def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, gather: bool = True) -> torch.Tensor:
+def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, gather: bool = True,
+            decoupled: bool = False) -> torch.Tensor:
     """Normalised temperature-scaled cross-entropy.
 
     Args:
         z0, z1: (n, D) projections of the two views of the same n images (local batch).
         temperature: the softmax temperature tau.
         gather: under torch.distributed, use all ranks' embeddings as negatives.
+        decoupled: leave the positive out of the denominator (DCL, Yeh et al. 2022, "Decoupled Contrastive
+            Learning"): ``b`` then runs over the negatives only. The plain loss's gradient is scaled down by
+            the positive's softmax share, which is large early in training and for small batches; removing it
+            learns faster per step.
 
     Returns:
         Scalar: the mean over the 2n local anchors of
         ``-log exp(s(a, a+)/tau) / sum_{b != a} exp(s(a, b)/tau)`` with cosine similarity s,
-        where b runs over both views of all images in the (global) batch.
+        where b runs over both views of all images in the (global) batch (``b != a, a+`` when decoupled).
 
     Example:
         >>> z0, z1 = torch.randn(8, 128), torch.randn(8, 128)
@@ -57,8 +62,13 @@ def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, gather
     self_idx = torch.cat([local, local + N])  # where each anchor sits in the bank
     pos_idx = torch.cat([local + N, local])  # its positive: the other view of the same image
     logits = logits.float()
-    logits[torch.arange(2 * n, device=z0.device), self_idx] = float("-inf")
-    return F.cross_entropy(logits, pos_idx)
+    rows = torch.arange(2 * n, device=z0.device)
+    logits[rows, self_idx] = float("-inf")
+    if not decoupled:
+        return F.cross_entropy(logits, pos_idx)
+    pos = logits[rows, pos_idx]
+    logits[rows, pos_idx] = float("-inf")
+    return (torch.logsumexp(logits, dim=1) - pos).mean()
 
 
 class ProjectionHead(nn.Module):
@@ -89,6 +99,8 @@ class SimCLRConfig:
     proj_layers: int = 2  # SimCLR v1: 2; v2: 3
     proj_last_bn: bool = False
     gather_distributed: bool = True  # negatives from all ranks under DDP
+    # DCL: the positive is left out of the denominator (Yeh et al. 2022); lightly's DCLLoss without weighting
+    decoupled: bool = False
 
 
 @OBJECTIVES.register("simclr", config=SimCLRConfig, help="SimCLR: NT-Xent on two views with a projection head")
@@ -108,5 +120,6 @@ class SimCLR(Objective):
         # One forward over both views: BatchNorm sees the full 2n batch, and one big matmul beats two.
         z = self.head(self.encoder(torch.cat([x0, x1], dim=0)))
         z0, z1 = z.chunk(2, dim=0)
-        loss = nt_xent(z0, z1, self.cfg.temperature, gather=self.cfg.gather_distributed)
+        loss = nt_xent(z0, z1, self.cfg.temperature, gather=self.cfg.gather_distributed,
+                       decoupled=self.cfg.decoupled)
         return {"loss": loss}
