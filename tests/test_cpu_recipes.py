@@ -62,3 +62,31 @@ def test_cpu_recipe_trains_through_the_engine(name, tmp_path):
     assert cfg.eval.knn_center and 0.0 <= result.knn["top1_uncentred"] <= 100.0
     encoder, _ = load_encoder(result.run_dir)
     assert encoder(torch.randn(2, 3, 28, 28)).shape[0] == 2
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_pixel_baseline_follows_the_centring_choice(center):
+    """The engine's raw-pixel baseline is knn_classify on one channel of the flattened gray images, centred or not
+    as the recipe says, with the uncentred figure alongside when centred."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from sslkit.engine import _pixel_knn
+    from sslkit.eval.knn import knn_classify
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (90,), generator=g)
+    gray = (torch.rand(90, 1, 6, 6, generator=g) * 60 + labels.view(-1, 1, 1, 1) * 40 + 100).to(torch.uint8)
+    ds = SimpleNamespace(images=gray.expand(-1, 3, -1, -1), labels=labels)
+    bank, queries = SimpleNamespace(images=ds.images[:60], labels=labels[:60]), SimpleNamespace(
+        images=ds.images[60:], labels=labels[60:])
+    cfg = OmegaConf.create({"eval": {"knn_k": 5, "knn_temperature": 0.07, "knn_center": center}})
+    out = _pixel_knn(cfg, bank, queries)
+    flat = gray.float().flatten(1)
+    ref = lambda c: knn_classify(flat[:60], labels[:60], flat[60:], labels[60:], k=5, center=c)["top1"]  # noqa: E731
+    assert out["pixels_top1"] == pytest.approx(ref(center))
+    assert ("pixels_top1_uncentred" in out) == center
+    if center:
+        assert out["pixels_top1_uncentred"] == pytest.approx(ref(False))
+    assert _pixel_knn(cfg, object(), object()) == {}  # datasets not held in memory: no baseline
