@@ -60,6 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def recipe_path(name: str) -> Path:
     p = Path(name)
     if p.suffix in (".yaml", ".yml"):
@@ -169,12 +180,14 @@ def table(results: dict[str, Any]) -> str:
              f"uncentred column is DINO's exact protocol); linear probe on the same frozen features. Raw pixels: "
              f"k-NN {px.get('knn_top1', float('nan')):.2f}% ({_pct(px.get('knn_top1_uncentred'))} uncentred), linear "
              f"{px.get('linear_top1', float('nan')):.2f}%. Minutes are pretraining only.", "",
-             "| recipe | objective | encoder | pretraining min | images/s | k-NN top-1 | k-NN uncentred | linear top-1 "
-             "| random-init k-NN | target |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| recipe | objective | encoder | CPU | pretraining min | epochs | images/s | k-NN top-1 | k-NN uncentred "
+             "| linear top-1 | random-init k-NN | target |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["recipes"].items():
         f = r["final"]
         target = r.get("target", {})
-        lines.append(f"| {name} | {r['objective']} | {r['encoder']} | {r['minutes']:.1f} | {r['images_per_s']:.0f} | "
+        ep = f"{r['epochs']:.1f}" if r.get("epochs") else "n/a"
+        lines.append(f"| {name} | {r['objective']} | {r['encoder']} | {r.get('cpu', 'n/a')} | {r['minutes']:.1f} | {ep} | "
+                     f"{r['images_per_s']:.0f} | "
                      f"{f['knn_top1']:.2f}% | {_pct(f.get('knn_top1_uncentred'))} | "
                      f"{f.get('linear_top1', float('nan')):.2f}% | "
                      f"{r['random']['knn_top1'] if r.get('random') else float('nan'):.2f}% | "
@@ -207,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "benchmark": "time_to_accuracy", "budget_minutes": args.budget_minutes, "k": K,
         "monitor": {"bank": MONITOR_BANK, "queries": MONITOR_QUERIES, "every_epochs": args.monitor_every},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
         "overrides": args.overrides, "eval_subsets": [args.train_subset, args.test_subset],
         "baselines": {}, "recipes": {}}
@@ -242,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         results["recipes"][recipe.stem] = {
             "objective": objective, "encoder": str(cfg.encoder.name), "run_dir": str(run),
             "minutes": round(minutes, 2), "images_per_s": round(summary["images_per_s"], 1),
-            "steps": summary["steps"], "peak_rss_gb": summary.get("peak_rss_gb"), "precision": summary.get("precision"),
+            "steps": summary["steps"], "epochs": summary.get("epochs"),
+            "cpu": cpu_model(), "peak_rss_gb": summary.get("peak_rss_gb"), "precision": summary.get("precision"),
             "curve": monitor_curve(run), "final": final, "random": rnd,
             "target": target_check(objective, final, results["baselines"]["pixels"], minutes, args.budget_minutes)}
         write(results, out, args.budget_minutes)  # after each recipe, so a long run leaves partial results

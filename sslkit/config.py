@@ -65,6 +65,11 @@ class OptimConfig:
 class TrainerConfig:
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs for the schedules)
+    # Fit the run to this many minutes of pretraining: after `budget_calibration_steps` steady steps the engine
+    # measures seconds per step and sets the total (and so every cosine schedule) to what fits, never more than
+    # epochs / max_steps; it re-fits at each epoch end from the rate so far. None = train for epochs / max_steps.
+    time_budget_minutes: float | None = None
+    budget_calibration_steps: int = 20
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: Any = 1  # int, or "auto"
     num_nodes: int = 1
@@ -95,6 +100,11 @@ class EvalConfig:
     monitor_test_subset: int | None = None
     image_size: int | None = None  # evaluation resolution; None = augment.image_size
     batch_size: int = 512
+    # Encoder arguments that differ for evaluation only and leave the weights as they are: e.g. resnet_cifar's
+    # pool_grid (how the last map is pooled into the feature) or a ViT's pool (token | avg). Training, the
+    # heads and encoder.safetensors use the encoder section; every evaluation (the final and monitor k-NN,
+    # `sslkit eval`, the random-encoder baseline) builds the encoder with these on top.
+    encoder_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -173,6 +183,21 @@ def _validate_section(cfg: DictConfig, section: str) -> None:
     cfg[section] = plain
 
 
+def _validate_eval_encoder_args(cfg: DictConfig) -> None:
+    """``eval.encoder_args`` must be arguments of the recipe's encoder, with their types."""
+    args = OmegaConf.to_container(cfg.eval.encoder_args, resolve=True) or {}
+    if not args:
+        return
+    if "name" in args:
+        raise ConfigError("recipe key 'eval.encoder_args.name': evaluation uses the trained encoder; "
+                          "eval.encoder_args may change its arguments (e.g. pool_grid), not which encoder it is.")
+    probe = OmegaConf.create({"encoder": {**OmegaConf.to_container(cfg.encoder, resolve=True), **args}})
+    try:
+        _validate_section(probe, "encoder")
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("recipe key 'encoder.", "recipe key 'eval.encoder_args.")) from None
+
+
 SECTIONS = {f.name: f for f in dataclasses.fields(RecipeConfig)}
 
 
@@ -205,6 +230,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None) -> DictConf
         raise _error(e, "", sch if dataclasses.is_dataclass(sch) else None) from None
     for sec in ("augment", "encoder", "objective"):
         _validate_section(cfg, sec)
+    _validate_eval_encoder_args(cfg)
     _cross_checks(cfg)
     return cfg
 
@@ -245,6 +271,13 @@ def _cross_checks(cfg: DictConfig) -> None:
             raise ConfigError(f"recipe key '{k}' must be positive, got {v}.")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"recipe key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}.")
+    budget = cfg.trainer.time_budget_minutes
+    if budget is not None and not budget > 0:
+        raise ConfigError(f"recipe key 'trainer.time_budget_minutes' must be positive (or null for no budget), "
+                          f"got {budget}.")
+    if cfg.trainer.budget_calibration_steps < 1:
+        raise ConfigError(f"recipe key 'trainer.budget_calibration_steps' must be >= 1, "
+                          f"got {cfg.trainer.budget_calibration_steps}.")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"recipe key 'optim.lr' must be positive, got {cfg.optim.lr}.")
     choices = {"optim.name": (cfg.optim.name, ("adamw", "sgd", "lars")),

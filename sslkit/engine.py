@@ -13,6 +13,7 @@ written atomically and loaded with ``weights_only=True``.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -64,6 +65,15 @@ def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: in
     t = np.arange(rest) / max(1, rest)
     cos = end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))
     return np.concatenate([warm, cos])
+
+
+def fit_steps_to_budget(step: int, elapsed_s: float, seconds_per_step: float, budget_s: float, cap: int) -> int:
+    """Total steps that end a run near ``budget_s`` seconds of training: ``step`` done in ``elapsed_s``, the rest
+    at ``seconds_per_step``. At least ``step + 1`` (the step in progress finishes), at most ``cap``."""
+    if seconds_per_step <= 0:
+        return cap
+    more = math.floor(max(0.0, budget_s - elapsed_s) / seconds_per_step)
+    return int(min(cap, max(step + 1, step + more)))
 
 
 def scaled_lr(cfg: DictConfig, global_batch: int) -> float:
@@ -261,7 +271,7 @@ class TrainResult:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU runs bf16 matmuls natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    """True when the CPU has bf16 instructions (AVX512-BF16 or AMX); a precondition, not a promise of speed."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -269,12 +279,62 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+BF16_MIN_SPEEDUP = 1.15  # bf16 autocast is chosen on a CPU only when it is at least this much faster than fp32
+CPU_BF16_ENV = "SSLKIT_CPU_BF16"  # "1" / "0" skips the probe (set by the first probe, so DDP children agree)
+
+
+def _best_seconds(fn, reps: int = 3) -> float:
+    fn()  # warm-up: kernel selection, allocation
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How much faster bf16 runs than fp32 on this CPU: the geometric mean over a 3x3 convolution (oneDNN,
+    channels_last) and a 1024x1024 matmul, each timed at its best of 3 (about 0.2 s in all).
+
+    Measured, because the instruction set does not tell: on the 2-core AMD Zen 5 of PERF_NOTES bf16 matmuls run
+    at 2.3x fp32 (MKL's fp32 is slow there); on a 2-core Intel Xeon with AVX512-BF16 but no AMX, fp32 matmuls
+    ran at 296 GFLOP/s and bf16 at 165, and a narrow ResNet's training step was 5% faster in fp32.
+    """
+    if not cpu_has_native_bf16():
+        return 0.0
+    with torch.no_grad():
+        def conv(dtype: torch.dtype):
+            x = torch.randn(64, 64, 16, 16, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = torch.randn(64, 64, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            return lambda: torch.nn.functional.conv2d(x, w, padding=1)
+
+        def mm(dtype: torch.dtype):
+            a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+            return lambda: a @ b
+
+        ratios = [_best_seconds(make(torch.float32)) / _best_seconds(make(torch.bfloat16)) for make in (conv, mm)]
+    return math.sqrt(ratios[0] * ratios[1])
+
+
+def cpu_prefers_bf16() -> bool:
+    """bf16 autocast on this CPU? ``$SSLKIT_CPU_BF16`` (1/0) if set, else :func:`cpu_bf16_speedup` >= 1.15."""
+    env = os.environ.get(CPU_BF16_ENV)
+    if env in ("0", "1"):
+        return env == "1"
+    choice = cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+    os.environ[CPU_BF16_ENV] = "1" if choice else "0"  # processes started from here (DDP) make the same choice
+    return choice
+
+
 def _resolve_precision(cfg: DictConfig) -> str:
-    """``auto``: bf16 autocast on GPU and on CPUs with native bf16 (PERF_NOTES: about 1.5-2x), else fp32."""
+    """``auto``: bf16 autocast on GPU, and on a CPU where bf16 measures faster than fp32
+    (:func:`cpu_prefers_bf16`; PERF_NOTES: about 2x on AVX512-BF16 AMD cores), else fp32."""
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
     gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if gpu or cpu_has_native_bf16() else "32-true"
+    return "bf16-mixed" if gpu or cpu_prefers_bf16() else "32-true"
 
 
 def make_fabric(cfg: DictConfig):
@@ -356,7 +416,15 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
 
     sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, rank, world)
     steps_per_epoch = sampler.batches_per_epoch
-    total_steps = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
+    cap_steps = cfg.trainer.max_steps or cfg.trainer.epochs * steps_per_epoch
+    total_steps = cap_steps
+    budget_s = cfg.trainer.time_budget_minutes * 60.0 if cfg.trainer.time_budget_minutes else None
+    prior_seconds = 0.0  # training seconds of the run before this process (resume), for the budget
+    budget_fitted = False
+    if ckpt is not None and budget_s is not None and ckpt.get("budget_total_steps"):
+        total_steps, budget_fitted = int(ckpt["budget_total_steps"]), True  # the fitted schedule continues
+    if ckpt is not None:
+        prior_seconds = float(ckpt.get("train_seconds", 0.0))
     epochs = math.ceil(total_steps / steps_per_epoch)
     objective.setup_schedule(steps_per_epoch, total_steps)
 
@@ -369,9 +437,13 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
     global_batch = cfg.data.batch_size * world
     peak_lr = scaled_lr(cfg, global_batch)
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    lr_sched = cosine_schedule(peak_lr, cfg.optim.min_lr, total_steps, warmup)
     wd_end = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end
-    wd_sched = cosine_schedule(cfg.optim.weight_decay, wd_end, total_steps)
+
+    def schedules(total: int) -> tuple[np.ndarray, np.ndarray]:
+        return (cosine_schedule(peak_lr, cfg.optim.min_lr, total, warmup),
+                cosine_schedule(cfg.optim.weight_decay, wd_end, total))
+
+    lr_sched, wd_sched = schedules(total_steps)
     optimizer = build_optimizer(cfg, objective, peak_lr)
     params = [p for p in objective.parameters() if p.requires_grad]
 
@@ -421,7 +493,9 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
             return
         state = {"format": "sslkit", "version": CHECKPOINT_VERSION, "step": step, "epoch": ep,
                  "batch_in_epoch": batch_in_epoch, "world_size": world, "objective": objective.state_dict(),
-                 "optimizer": optimizer.state_dict(), "rng": rngs, "config_yaml": OmegaConf.to_yaml(cfg)}
+                 "optimizer": optimizer.state_dict(), "rng": rngs, "config_yaml": OmegaConf.to_yaml(cfg),
+                 "train_seconds": prior_seconds + train_time,
+                 "budget_total_steps": total_steps if budget_fitted else None}
         buf = io.BytesIO()
         torch.save(state, buf)
         try:
@@ -431,6 +505,28 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
                            "previous checkpoint is intact; free disk space or fix permissions, then resume.") from e
 
     bar = _progress(fabric, total_steps, step, global_batch, cfg.trainer.progress)
+
+    def refit(reason: str) -> None:
+        """Fit total_steps (and the schedules) to the time budget from the steady rate measured so far."""
+        nonlocal total_steps, epochs, lr_sched, wd_sched, budget_fitted
+        rate = steady_time / max(1, step - start_step - warm)  # seconds per step, steady state
+        new = fit_steps_to_budget(step, prior_seconds + train_time, rate, budget_s, cap_steps)
+        if world > 1:
+            new = int(fabric.broadcast(new, src=0))  # every rank follows rank 0's clock
+        first = not budget_fitted
+        budget_fitted = True
+        if new == total_steps:
+            return
+        total_steps = new
+        epochs = math.ceil(total_steps / steps_per_epoch)
+        lr_sched, wd_sched = schedules(total_steps)
+        objective.setup_schedule(steps_per_epoch, total_steps)
+        if bar is not None:
+            bar.total = total_steps * global_batch
+            bar.refresh()
+        if first or cfg.trainer.progress:
+            fabric.print(f"time budget {cfg.trainer.time_budget_minutes:g} min ({reason}): {rate:.3f} s/step -> "
+                         f"{total_steps} steps ({total_steps / steps_per_epoch:.2f} epochs, at most {cap_steps})")
     last_loss = float("nan")
     images, train_time = 0, 0.0
     warm = WARMUP_STEPS_EXCLUDED  # steady-state throughput skips the first steps (worker start-up, allocator warm-up)
@@ -490,6 +586,9 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
                 steady_images += global_batch
                 data_wait += t_data - t0
             last_loss = loss_v
+            if budget_s is not None and not budget_fitted and \
+                    step - start_step - warm >= cfg.trainer.budget_calibration_steps:
+                refit(f"{cfg.trainer.budget_calibration_steps} steps measured")
             if bar is not None:
                 bar.update(global_batch)
                 bar.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch, refresh=False)
@@ -513,6 +612,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
             break
         epoch += 1
         start_batch = 0
+        if budget_s is not None and budget_fitted and step < total_steps and step > start_step + warm:
+            refit(f"epoch {epoch} done")
         if step < total_steps and batch_in_epoch >= steps_per_epoch:
             save_checkpoint(0, epoch)
         if cfg.eval.knn_every and epoch % cfg.eval.knn_every == 0 and step < total_steps:
@@ -539,7 +640,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
                    "data_wait_share": data_wait / steady_time if steady_time > 0 else None, "train_seconds": train_time,
                    "final_loss": last_loss, "peak_rss_gb": peak_rss_gb(), "world_size": world,
                    "precision": _resolve_precision(cfg), "knn": knn_result, "finished": not stopped_early,
-                   "first_step_seconds": first_step_s, "compiled": bool(cfg.trainer.compile)}
+                   "first_step_seconds": first_step_s, "compiled": bool(cfg.trainer.compile),
+                   "epochs": total_steps / steps_per_epoch, "time_budget_minutes": cfg.trainer.time_budget_minutes}
         bad_log = run_dir / "bad_files.txt"
         if bad_log.is_file():
             bad = sorted(set(bad_log.read_text().splitlines()))
@@ -620,7 +722,9 @@ def _knn_eval(fabric, cfg: DictConfig, encoder: torch.nn.Module, monitor: bool) 
         from sslkit.data import subset_dataset
         from sslkit.eval.features import extract_features
         from sslkit.eval.knn import knn_classify
+        from sslkit.run import as_eval_encoder
 
+        encoder = as_eval_encoder(cfg, encoder)  # eval.encoder_args (e.g. another pool_grid) on the same weights
         n_train, n_test = cfg.eval.knn_train_subset, cfg.eval.knn_test_subset
         if monitor:
             n_train = cfg.eval.monitor_train_subset or n_train

@@ -82,11 +82,33 @@ def load_config(run_dir: str | os.PathLike) -> DictConfig:
     return OmegaConf.load(resolve_run_dir(run_dir) / "config.yaml")
 
 
-def build_encoder(cfg: DictConfig) -> torch.nn.Module:
+def eval_encoder_args(cfg: DictConfig) -> dict[str, Any]:
+    """The recipe's ``eval.encoder_args`` (encoder arguments for evaluation only), ``{}`` when none."""
+    ev = cfg.get("eval") or {}
+    args = ev.get("encoder_args") if hasattr(ev, "get") else None
+    return dict(OmegaConf.to_container(args, resolve=True)) if args else {}  # type: ignore[arg-type]
+
+
+def build_encoder(cfg: DictConfig, for_eval: bool = False) -> torch.nn.Module:
+    """The recipe's encoder (random weights); ``for_eval`` applies ``eval.encoder_args`` on top."""
     load_all()
     kw: dict[str, Any] = OmegaConf.to_container(cfg.encoder, resolve=True)  # type: ignore[assignment]
+    if for_eval:
+        kw.update(eval_encoder_args(cfg))
     name = kw.pop("name")
     return ENCODERS.build(name, **kw)
+
+
+def as_eval_encoder(cfg: DictConfig, encoder: torch.nn.Module) -> torch.nn.Module:
+    """``encoder`` as evaluation sees it: itself when ``eval.encoder_args`` is empty, else a copy built with
+    those arguments that holds the same weights (on the same device)."""
+    if not eval_encoder_args(cfg):
+        return encoder
+    state = encoder.state_dict()
+    device = next(iter(state.values())).device if state else torch.device("cpu")
+    enc = build_encoder(cfg, for_eval=True).to(device)
+    load_state_strict(enc, state, "the trained encoder (with eval.encoder_args)")
+    return enc.train(encoder.training)
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -119,7 +141,7 @@ def load_encoder(run_dir: str | os.PathLike, map_location: str | torch.device = 
     if not weights.is_file():
         raise RunError(f"{d} has no encoder.safetensors: the run has not finished. Resume it with "
                        f"`sslkit pretrain {d / 'config.yaml'} --resume {d}`, or evaluate a finished run.")
-    enc = build_encoder(cfg)
+    enc = build_encoder(cfg, for_eval=True)
     load_state_strict(enc, load_file(str(weights), device=str(map_location)), str(weights))
     return enc.eval(), cfg
 

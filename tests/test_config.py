@@ -26,6 +26,12 @@ def test_shipped_recipes_resolve(path):
     ({}, ["data.batch_size=0"], r"'data.batch_size' must be positive"),
     ({}, ["optim.name=adam"], r"'optim.name': 'adam' is not one of adamw, sgd, lars"),
     ({}, ["nonsense.key=1"], r"unknown override key 'nonsense'"),
+    ({"encoder": {"name": "resnet_cifar"}, "eval": {"encoder_args": {"pool_gird": 4}}}, [],
+     r"'eval.encoder_args.pool_gird'.*Valid keys in encoder: name, widths"),
+    ({"encoder": {"name": "resnet_cifar"}, "eval": {"encoder_args": {"pool_grid": "big"}}}, [],
+     r"'eval.encoder_args.pool_grid'"),
+    ({"eval": {"encoder_args": {"name": "resnet50"}}}, [], r"'eval.encoder_args.name'.*not which encoder"),
+    ({}, ["trainer.time_budget_minutes=0"], r"'trainer.time_budget_minutes' must be positive"),
 ])
 def test_bad_recipes_name_the_key(raw, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

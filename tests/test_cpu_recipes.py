@@ -11,7 +11,7 @@ from sslkit.config import load_recipe
 from sslkit.data.fashion_mnist import DEBIAN_DIR
 from sslkit.engine import build_objective, train
 from sslkit.registry import AUGMENTATIONS
-from sslkit.run import load_encoder
+from sslkit.run import as_eval_encoder, load_encoder
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CPU_DEFAULTS = ["simclr_resnet_fmnist", "dino_resnet_fmnist", "mae_vit_tiny_fmnist"]
@@ -37,8 +37,16 @@ def test_cnn_recipes_train_at_20px_and_evaluate_at_28px(name):
     assert crops[0].shape == (3, 20, 20)
     out = objective([torch.stack([c, c.flip(-1)]) for c in crops], 0)
     assert torch.isfinite(out["loss"])
-    feats = objective.eval_encoder().eval()(torch.randn(2, 3, 28, 28))
-    assert feats.shape == (2, 256 * 2 * 2)  # pool_grid 2: the 4x4 map at 28 px pooled to 2x2
+    x = torch.randn(2, 3, 28, 28)
+    assert objective.eval_encoder().eval()(x).shape == (2, 256 * 2 * 2)  # the head's input: 4x4 map pooled to 2x2
+    # Evaluation sees the whole 4x4 map at 28 px (eval.encoder_args.pool_grid 4), on the same weights.
+    assert as_eval_encoder(cfg, objective.eval_encoder()).eval()(x).shape == (2, 256 * 4 * 4)
+
+
+@pytest.mark.parametrize("name", CPU_DEFAULTS)
+def test_cpu_recipes_fit_the_time_budget(name):
+    cfg = load_recipe(RECIPES / f"{name}.yaml")
+    assert 0 < cfg.trainer.time_budget_minutes < 30  # the budget is 30 minutes of pretraining
 
 
 @pytest.mark.skipif(not DEBIAN_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")

@@ -111,3 +111,70 @@ def test_bf16_autocast_loss_curve_stays_close_to_fp32(tiny_recipe):
     assert len(a) == len(b) == 8
     assert not np.array_equal(a, b), "bf16 autocast must actually change the arithmetic"
     np.testing.assert_allclose(b, a, rtol=0.02)
+
+
+def test_fit_steps_to_budget_formula():
+    from sslkit.engine import fit_steps_to_budget
+
+    # 100 s budget, 10 s used by 20 steps, 0.5 s per step: 180 more steps fit.
+    assert fit_steps_to_budget(20, 10.0, 0.5, 100.0, cap=1000) == 200
+    assert fit_steps_to_budget(20, 10.0, 0.5, 100.0, cap=150) == 150  # never beyond epochs / max_steps
+    assert fit_steps_to_budget(20, 120.0, 0.5, 100.0, cap=1000) == 21  # over budget: finish the step in progress
+    assert fit_steps_to_budget(20, 10.0, 0.0, 100.0, cap=1000) == 1000  # no rate measured: keep the cap
+
+
+def _rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("loss")]
+
+
+def test_time_budget_fits_the_schedules_to_the_clock(tiny_recipe):
+    import json
+
+    from sslkit.engine import WARMUP_STEPS_EXCLUDED, scaled_lr
+
+    calib = 2
+    cfg = resolve(tiny_recipe(name="budget", trainer={"epochs": 50, "time_budget_minutes": 0.0005,
+                                                      "budget_calibration_steps": calib},
+                              optim={"lr": 1e-3, "warmup_epochs": 0.5, "min_lr": 1e-5}))
+    result = train(cfg)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    cap = 50 * 4  # 64 images / batch 16
+    assert result.steps == summary["total_steps"] < cap, "a 30 ms budget must cut a 200-step run short"
+    assert summary["epochs"] == pytest.approx(result.steps / 4)
+    ckpt = load_checkpoint(result.run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["budget_total_steps"] == result.steps
+    # From the fit on, every step follows the cosine of the fitted length, not of the 200-step cap.
+    fitted = cosine_schedule(scaled_lr(cfg, 16), 1e-5, result.steps, warmup_steps=2)
+    rows = _rows(result.run_dir)
+    assert len(rows) == result.steps
+    fit_at = WARMUP_STEPS_EXCLUDED + calib
+    for r in rows[fit_at:]:
+        assert float(r["lr"]) == pytest.approx(fitted[int(r["step"]) - 1]), r
+
+
+def test_time_budget_that_does_not_bind_keeps_the_epochs(tiny_recipe):
+    base = train(resolve(tiny_recipe(name="nobudget"))).run_dir
+    roomy = train(resolve(tiny_recipe(name="roomy", trainer={"time_budget_minutes": 60.0}))).run_dir
+    assert _losses(base) == _losses(roomy)  # same steps, same schedules, same numbers
+
+
+def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
+    import sslkit.engine as eng
+
+    cfg = resolve({"trainer": {"accelerator": "cpu"}})
+    for speedup, want in ((0.6, "32-true"), (1.1, "32-true"), (2.0, "bf16-mixed")):
+        monkeypatch.delenv(eng.CPU_BF16_ENV, raising=False)
+        monkeypatch.setattr(eng, "cpu_bf16_speedup", lambda s=speedup: s)
+        assert eng._resolve_precision(cfg) == want, speedup
+        assert eng.os.environ[eng.CPU_BF16_ENV] == ("1" if want == "bf16-mixed" else "0")  # DDP children agree
+    monkeypatch.setenv(eng.CPU_BF16_ENV, "0")  # an explicit choice skips the probe
+    assert eng._resolve_precision(cfg) == "32-true"
+    assert eng._resolve_precision(resolve({"trainer": {"precision": "bf16-mixed"}})) == "bf16-mixed"
+
+
+def test_bf16_probe_measures_something():
+    from sslkit.engine import cpu_bf16_speedup, cpu_has_native_bf16
+
+    s = cpu_bf16_speedup()
+    assert (s > 0) == cpu_has_native_bf16() and s < 20

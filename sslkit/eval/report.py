@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import fcntl
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -148,17 +149,17 @@ class EvalContext:
     def _ensure_encoder(self, ds: Dataset) -> None:
         if self.encoder is not None:
             return
-        from sslkit.run import build_encoder, load_encoder
+        from sslkit.run import build_encoder, eval_encoder_args, load_encoder
 
         if self.baseline == "none":
             self.encoder, _ = load_encoder(self.run_dir)
-            self.enc_hash = encoder_hash(self.encoder)
+            self.enc_hash = _keyed_hash(self.encoder, eval_encoder_args(self.cfg))
             self.source = f"{self.cfg.encoder.name} (pretrained, {self.run_dir.name})"
         elif self.baseline == "random":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
-                self.encoder = build_encoder(self.cfg).eval()
-            self.enc_hash = encoder_hash(self.encoder)
+                self.encoder = build_encoder(self.cfg, for_eval=True).eval()
+            self.enc_hash = _keyed_hash(self.encoder, eval_encoder_args(self.cfg))
             self.source = f"{self.cfg.encoder.name} (random init, seed {self.seed})"
         else:
             channels, size = (1 if _is_grayscale(ds) else 3), self.feature_image_size
@@ -172,6 +173,15 @@ class EvalContext:
                 "encoder_hash": self.enc_hash, "dataset": str(self.cfg.data.name),
                 "image_size": self.feature_image_size,
                 "splits": {name: {"size": int(len(fs.labels)), **fs.provenance()} for name, fs in sets.items()}}
+
+
+def _keyed_hash(encoder: nn.Module, eval_args: dict[str, Any]) -> str:
+    """The weights' hash, combined with ``eval.encoder_args`` when there are any: those change the features
+    (e.g. ``pool_grid``) without changing a weight, so they must change the feature-cache key too."""
+    h = encoder_hash(encoder)
+    if not eval_args:
+        return h
+    return hashlib.sha256((h + json.dumps(eval_args, sort_keys=True, default=str)).encode()).hexdigest()
 
 
 def load_context(run_dir: str | Path, *, baseline: str = "none", device: str | torch.device | None = None,

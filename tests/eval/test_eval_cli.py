@@ -105,3 +105,38 @@ def test_add_subcommands_into_a_parent_parser():
     cli.add_subcommands(evals)
     args = parser.parse_args(["eval", "copy", "runs/x", "--num-queries", "5", "--baseline", "pixels"])
     assert args.func is cli.cmd_copy and args.num_queries == 5 and args.baseline == "pixels"
+
+
+def test_eval_encoder_args_change_the_features_not_the_weights(tmp_path):
+    """eval.encoder_args (here resnet_cifar's pool_grid) rebuild the trained weights with other pooling: the
+    features are the trained map pooled that way, and the feature cache keeps the two apart."""
+    import torch.nn.functional as F
+
+    from sslkit.run import as_eval_encoder, load_encoder
+
+    raw = {"name": "cnn", "data": {"name": "synthetic", "args": {"num_samples": 32, "image_size": 32}},
+           "augment": {"name": "simclr", "image_size": 16},
+           "encoder": {"name": "resnet_cifar", "widths": [8, 16], "depths": [1, 1], "pool_grid": 1}}
+    cfg = resolve(raw)
+    torch.manual_seed(0)
+    trained = build_encoder(cfg).eval()
+    runs = {}
+    for name, args in (("plain", {}), ("grid", {"pool_grid": 4})):
+        run = tmp_path / name
+        run.mkdir()
+        c = resolve({**raw, "eval": {"encoder_args": args}})
+        save_encoder(trained, run / "encoder.safetensors")
+        OmegaConf.save(c, run / "config.yaml")
+        runs[name] = (run, c)
+    grid_enc, grid_cfg = load_encoder(runs["grid"][0])
+    assert grid_enc.dim == 16 * 16 and trained.dim == 16
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        want = F.adaptive_avg_pool2d(trained.model.forward_features(x), 4).flatten(1)
+        torch.testing.assert_close(grid_enc(x), want)
+        torch.testing.assert_close(as_eval_encoder(grid_cfg, trained).eval()(x), want)
+    assert as_eval_encoder(runs["plain"][1], trained) is trained
+    a = run_knn(runs["plain"][0], k=5, progress=False, plots=False)
+    b = run_knn(runs["grid"][0], k=5, progress=False, plots=False)
+    assert a["features"]["encoder_hash"] != b["features"]["encoder_hash"]
+    assert b["features"]["splits"]["train"]["dim"] == 256
