@@ -421,10 +421,10 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
     budget_s = cfg.trainer.time_budget_minutes * 60.0 if cfg.trainer.time_budget_minutes else None
     prior_seconds = 0.0  # training seconds of the run before this process (resume), for the budget
     budget_fitted = False
-    if ckpt is not None and budget_s is not None and ckpt.get("budget_total_steps"):
-        total_steps, budget_fitted = int(ckpt["budget_total_steps"]), True  # the fitted schedule continues
     if ckpt is not None:
         prior_seconds = float(ckpt.get("train_seconds", 0.0))
+        if budget_s is not None and ckpt.get("budget_total_steps"):
+            total_steps, budget_fitted = int(ckpt["budget_total_steps"]), True  # the fitted schedule continues
     epochs = math.ceil(total_steps / steps_per_epoch)
     objective.setup_schedule(steps_per_epoch, total_steps)
 
@@ -612,6 +612,7 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
             break
         epoch += 1
         start_batch = 0
+        # Needs this process's own steady steps: a run resumed at an epoch end has measured none yet.
         if budget_s is not None and budget_fitted and step < total_steps and step > start_step + warm:
             refit(f"epoch {epoch} done")
         if step < total_steps and batch_in_epoch >= steps_per_epoch:
@@ -641,7 +642,7 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
                    "final_loss": last_loss, "peak_rss_gb": peak_rss_gb(), "world_size": world,
                    "precision": _resolve_precision(cfg), "knn": knn_result, "finished": not stopped_early,
                    "first_step_seconds": first_step_s, "compiled": bool(cfg.trainer.compile),
-                   "epochs": total_steps / steps_per_epoch, "time_budget_minutes": cfg.trainer.time_budget_minutes}
+                   "epochs": step / steps_per_epoch, "time_budget_minutes": cfg.trainer.time_budget_minutes}
         bad_log = run_dir / "bad_files.txt"
         if bad_log.is_file():
             bad = sorted(set(bad_log.read_text().splitlines()))

@@ -89,12 +89,19 @@ def eval_encoder_args(cfg: DictConfig) -> dict[str, Any]:
     return dict(OmegaConf.to_container(args, resolve=True)) if args else {}  # type: ignore[arg-type]
 
 
-def build_encoder(cfg: DictConfig, for_eval: bool = False) -> torch.nn.Module:
-    """The recipe's encoder (random weights); ``for_eval`` applies ``eval.encoder_args`` on top."""
-    load_all()
+def encoder_kwargs(cfg: DictConfig, for_eval: bool = False) -> dict[str, Any]:
+    """The recipe's encoder section as plain ``{"name": ..., **arguments}``; ``for_eval`` applies
+    ``eval.encoder_args`` on top. Everything that defines the encoder besides its weights."""
     kw: dict[str, Any] = OmegaConf.to_container(cfg.encoder, resolve=True)  # type: ignore[assignment]
     if for_eval:
         kw.update(eval_encoder_args(cfg))
+    return kw
+
+
+def build_encoder(cfg: DictConfig, for_eval: bool = False) -> torch.nn.Module:
+    """The recipe's encoder (random weights); ``for_eval`` applies ``eval.encoder_args`` on top."""
+    load_all()
+    kw = encoder_kwargs(cfg, for_eval)
     name = kw.pop("name")
     return ENCODERS.build(name, **kw)
 

@@ -11,9 +11,13 @@ from sslkit.engine import build_objective, cosine_schedule, load_checkpoint, tra
 from sslkit.run import RunError, load_encoder
 
 
-def _losses(run_dir):
+def _rows(run_dir):
     with open(run_dir / "metrics.csv") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")]
+        return [r for r in csv.DictReader(f) if r.get("loss")]
+
+
+def _losses(run_dir):
+    return [float(r["loss"]) for r in _rows(run_dir)]
 
 
 def test_cosine_schedule_formula():
@@ -121,11 +125,6 @@ def test_fit_steps_to_budget_formula():
     assert fit_steps_to_budget(20, 10.0, 0.5, 100.0, cap=150) == 150  # never beyond epochs / max_steps
     assert fit_steps_to_budget(20, 120.0, 0.5, 100.0, cap=1000) == 21  # over budget: finish the step in progress
     assert fit_steps_to_budget(20, 10.0, 0.0, 100.0, cap=1000) == 1000  # no rate measured: keep the cap
-
-
-def _rows(run_dir):
-    with open(run_dir / "metrics.csv") as f:
-        return [r for r in csv.DictReader(f) if r.get("loss")]
 
 
 def test_time_budget_fits_the_schedules_to_the_clock(tiny_recipe):

@@ -149,17 +149,17 @@ class EvalContext:
     def _ensure_encoder(self, ds: Dataset) -> None:
         if self.encoder is not None:
             return
-        from sslkit.run import build_encoder, eval_encoder_args, load_encoder
+        from sslkit.run import build_encoder, encoder_kwargs, load_encoder
 
         if self.baseline == "none":
             self.encoder, _ = load_encoder(self.run_dir)
-            self.enc_hash = _keyed_hash(self.encoder, eval_encoder_args(self.cfg))
+            self.enc_hash = _keyed_hash(self.encoder, encoder_kwargs(self.cfg, for_eval=True))
             self.source = f"{self.cfg.encoder.name} (pretrained, {self.run_dir.name})"
         elif self.baseline == "random":
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 self.encoder = build_encoder(self.cfg, for_eval=True).eval()
-            self.enc_hash = _keyed_hash(self.encoder, eval_encoder_args(self.cfg))
+            self.enc_hash = _keyed_hash(self.encoder, encoder_kwargs(self.cfg, for_eval=True))
             self.source = f"{self.cfg.encoder.name} (random init, seed {self.seed})"
         else:
             channels, size = (1 if _is_grayscale(ds) else 3), self.feature_image_size
@@ -175,13 +175,11 @@ class EvalContext:
                 "splits": {name: {"size": int(len(fs.labels)), **fs.provenance()} for name, fs in sets.items()}}
 
 
-def _keyed_hash(encoder: nn.Module, eval_args: dict[str, Any]) -> str:
-    """The weights' hash, combined with ``eval.encoder_args`` when there are any: those change the features
-    (e.g. ``pool_grid``) without changing a weight, so they must change the feature-cache key too."""
-    h = encoder_hash(encoder)
-    if not eval_args:
-        return h
-    return hashlib.sha256((h + json.dumps(eval_args, sort_keys=True, default=str)).encode()).hexdigest()
+def _keyed_hash(encoder: nn.Module, arguments: dict[str, Any]) -> str:
+    """The weights' hash combined with the encoder's arguments (``run.encoder_kwargs``): some change the features
+    without changing a weight (``pool_grid``, a ViT's ``pool``), so they belong in the feature-cache key too."""
+    blob = encoder_hash(encoder) + json.dumps(arguments, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def load_context(run_dir: str | Path, *, baseline: str = "none", device: str | torch.device | None = None,
