@@ -92,6 +92,9 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_center: bool = True  # subtract the bank's mean feature before normalising, as raw pixels need (eval.knn)
+    # PCA-whiten the features to this many dimensions, learned on the bank without labels, before the k-NN
+    # (eval.knn module notes); pixels and encoders alike, and the plain centred figure is reported too. None = off.
+    knn_whiten: int | None = None
     knn_train_subset: int | None = None  # bank size for the monitor (None = whole train split)
     knn_test_subset: int | None = None
     # The online monitor's bank and queries (None = knn_train_subset / knn_test_subset): a small monitor keeps
@@ -271,10 +274,10 @@ def _cross_checks(cfg: DictConfig) -> None:
             raise ConfigError(f"recipe key '{k}' must be positive, got {v}.")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"recipe key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}.")
-    budget = cfg.trainer.time_budget_minutes
-    if budget is not None and not budget > 0:
-        raise ConfigError(f"recipe key 'trainer.time_budget_minutes' must be positive (or null for no budget), "
-                          f"got {budget}.")
+    for key, v, off in (("trainer.time_budget_minutes", cfg.trainer.time_budget_minutes, "no budget"),
+                        ("eval.knn_whiten", cfg.eval.knn_whiten, "no whitening")):
+        if v is not None and not v > 0:
+            raise ConfigError(f"recipe key '{key}' must be positive (or null for {off}), got {v}.")
     if cfg.trainer.budget_calibration_steps < 1:
         raise ConfigError(f"recipe key 'trainer.budget_calibration_steps' must be >= 1, "
                           f"got {cfg.trainer.budget_calibration_steps}.")

@@ -642,7 +642,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
                    "final_loss": last_loss, "peak_rss_gb": peak_rss_gb(), "world_size": world,
                    "precision": _resolve_precision(cfg), "knn": knn_result, "finished": not stopped_early,
                    "first_step_seconds": first_step_s, "compiled": bool(cfg.trainer.compile),
-                   "epochs": step / steps_per_epoch, "time_budget_minutes": cfg.trainer.time_budget_minutes}
+                   "epochs": step / steps_per_epoch, "time_budget_minutes": cfg.trainer.time_budget_minutes,
+                   "knn_protocol": {"center": bool(cfg.eval.knn_center), "whiten": cfg.eval.get("knn_whiten")}}
         bad_log = run_dir / "bad_files.txt"
         if bad_log.is_file():
             bad = sorted(set(bad_log.read_text().splitlines()))
@@ -722,7 +723,6 @@ def _knn_eval(fabric, cfg: DictConfig, encoder: torch.nn.Module, monitor: bool) 
     if fabric.is_global_zero:
         from sslkit.data import subset_dataset
         from sslkit.eval.features import extract_features
-        from sslkit.eval.knn import knn_classify
         from sslkit.run import as_eval_encoder
 
         encoder = as_eval_encoder(cfg, encoder)  # eval.encoder_args (e.g. another pool_grid) on the same weights
@@ -736,29 +736,46 @@ def _knn_eval(fabric, cfg: DictConfig, encoder: torch.nn.Module, monitor: bool) 
         kw = {"image_size": size, "batch_size": cfg.eval.batch_size, "device": fabric.device, "progress": not monitor}
         ftr, ltr = extract_features(encoder, train_ds, desc="k-NN bank", **kw)
         fte, lte = extract_features(encoder, test_ds, desc="k-NN queries", **kw)
-        result = knn_classify(ftr, ltr, fte, lte, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
-                              center=cfg.eval.knn_center)
+        result = knn_protocols(cfg, ftr, ltr, fte, lte, only_main=monitor)
         if not monitor:
-            result = dict(result)
-            if cfg.eval.knn_center:  # DINO's exact protocol too
-                result["top1_uncentred"] = knn_classify(ftr, ltr, fte, lte, k=cfg.eval.knn_k,
-                                                        temperature=cfg.eval.knn_temperature)["top1"]
             result.update(_pixel_knn(cfg, train_ds, test_ds))
-            result.update({"k": cfg.eval.knn_k, "bank": len(train_ds), "queries": len(test_ds)})
+            result.update({"k": cfg.eval.knn_k, "bank": len(train_ds), "queries": len(test_ds),
+                           "whiten": cfg.eval.get("knn_whiten")})
     fabric.barrier()
+    return result
+
+
+def knn_protocols(cfg: DictConfig, ftr: torch.Tensor, ltr: torch.Tensor, fte: torch.Tensor, lte: torch.Tensor, *,
+                  only_main: bool = False) -> dict[str, float]:
+    """k-NN (``eval.knn_k``) under the recipe's protocol (``"top1"``, ``"top5"``) and, unless ``only_main``, the
+    plainer ones too: ``"top1_centred"`` when ``eval.knn_whiten`` is on, ``"top1_uncentred"`` (DINO's exact
+    protocol) whenever the main one centres or whitens."""
+    from sslkit.eval.knn import knn_classify
+
+    ev = cfg.eval
+    whitening = ev.get("knn_whiten")
+
+    def top(center: bool, whiten: int | None = None) -> dict[str, float]:
+        return knn_classify(ftr, ltr, fte, lte, k=ev.knn_k, temperature=ev.knn_temperature, center=center,
+                            whiten=whiten)
+
+    result = dict(top(ev.knn_center, whitening))
+    if not only_main:
+        if whitening is not None and ev.knn_center:
+            result["top1_centred"] = top(True)["top1"]
+        if whitening is not None or ev.knn_center:
+            result["top1_uncentred"] = top(False)["top1"]
     return result
 
 
 def _pixel_knn(cfg: DictConfig, train_ds, test_ds) -> dict[str, float]:
     """Raw-pixel k-NN on the same bank and queries: the baseline pretraining has to beat.
 
-    Flattened pixels under the same protocol as the encoder's features: minus the bank's mean image when
-    ``eval.knn_center`` (86.1% on the full Fashion-MNIST bank at k=20, the published 85-86%; 84.6% without).
-    Returns ``{"pixels_top1"}``, with ``"pixels_top1_uncentred"`` too when centring; ``{}`` for datasets that
-    are not held in memory.
+    Flattened pixels under the same protocols as the encoder's features (:func:`knn_protocols`): centred on the
+    bank's mean image when ``eval.knn_center`` (86.1% on the full Fashion-MNIST bank at k=20, the published
+    85-86%; 84.6% without), PCA-whitened when ``eval.knn_whiten``. Returns :func:`knn_protocols`' top-1 keys
+    prefixed ``pixels_`` (``"pixels_top1"``, ...); ``{}`` for datasets that are not held in memory.
     """
-    from sslkit.eval.knn import knn_classify
-
     if not (hasattr(train_ds, "images") and hasattr(test_ds, "images")):
         return {}
 
@@ -766,13 +783,8 @@ def _pixel_knn(cfg: DictConfig, train_ds, test_ds) -> dict[str, float]:
         gray = bool((ds.images[:, 0] == ds.images[:, 1]).all())
         return (ds.images[:, :1] if gray else ds.images).float().flatten(1)
 
-    bank, queries = flat(train_ds), flat(test_ds)
-    out = {}
-    for key, center in (("pixels_top1", cfg.eval.knn_center), ("pixels_top1_uncentred", False)):
-        if key == "pixels_top1" or cfg.eval.knn_center:
-            out[key] = float(knn_classify(bank, train_ds.labels, queries, test_ds.labels, k=cfg.eval.knn_k,
-                                          temperature=cfg.eval.knn_temperature, center=center)["top1"])
-    return out
+    res = knn_protocols(cfg, flat(train_ds), train_ds.labels, flat(test_ds), test_ds.labels)
+    return {f"pixels_{key}": float(v) for key, v in res.items() if key.startswith("top1")}
 
 
 def _knn_line(r: dict[str, float]) -> str:
@@ -780,7 +792,10 @@ def _knn_line(r: dict[str, float]) -> str:
     if "pixels_top1" in r:
         verdict = "above" if r["top1"] > r["pixels_top1"] else "BELOW"
         line += f"  vs raw pixels {r['pixels_top1']:.2f}%  -> {verdict} the raw-pixel baseline"
-    if "top1_uncentred" in r:
-        pixels = f", pixels {r['pixels_top1_uncentred']:.2f}%" if "pixels_top1_uncentred" in r else ""
-        line += f"  (both centred on the bank mean; uncentred, DINO's protocol: {r['top1_uncentred']:.2f}%{pixels})"
+    protocol = f"PCA-whitened to {r['whiten']} on the bank" if r.get("whiten") else "centred on the bank mean"
+    others = [("centred only", "top1_centred"), ("uncentred, DINO's protocol", "top1_uncentred")]
+    shown = [f"{label}: {r[key]:.2f}%" + (f", pixels {r['pixels_' + key]:.2f}%" if f"pixels_{key}" in r else "")
+             for label, key in others if key in r]
+    if shown:
+        line += f"  (both {protocol}; " + "; ".join(shown) + ")"
     return line

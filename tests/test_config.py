@@ -32,6 +32,7 @@ def test_shipped_recipes_resolve(path):
      r"'eval.encoder_args.pool_grid'"),
     ({"eval": {"encoder_args": {"name": "resnet50"}}}, [], r"'eval.encoder_args.name'.*not which encoder"),
     ({}, ["trainer.time_budget_minutes=0"], r"'trainer.time_budget_minutes' must be positive"),
+    ({}, ["eval.knn_whiten=0"], r"'eval.knn_whiten' must be positive"),
 ])
 def test_bad_recipes_name_the_key(raw, overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -68,6 +68,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-center", action="store_true",
                    help="do not subtract the bank's mean feature before normalising (DINO's exact protocol; the "
                         "default centres every feature source, as raw pixels need)")
+    p.add_argument("--whiten", type=int, default=None, metavar="D",
+                   help="PCA-whiten the features to D dimensions learned on the bank, without labels (Jegou & Chum "
+                        "2012), before normalising; the centred and uncentred figures are given too. Default: the "
+                        "run's eval.knn_whiten (the CPU ResNet recipes: 512); 0 = off")
     p.set_defaults(func=cmd_knn)
 
     p = subparsers.add_parser("linear", help="linear probe on frozen features",
@@ -170,8 +174,12 @@ def _run(kind: str, args: argparse.Namespace, kw: dict[str, Any]) -> int:
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
+    if args.whiten is not None and args.whiten < 0:
+        print(f"error: --whiten needs a dimension > 0 (or 0 for off), got {args.whiten}", file=sys.stderr)
+        return EXIT_USAGE
+    whiten = "recipe" if args.whiten is None else args.whiten
     return _run("knn", args, {"k": args.k, "temperature": args.temperature, "center": not args.no_center,
-                              "plots": not args.no_plots})
+                              "whiten": whiten, "plots": not args.no_plots})
 
 
 def cmd_linear(args: argparse.Namespace) -> int:

@@ -326,31 +326,40 @@ def _num_classes(ctx: EvalContext, *label_sets: torch.Tensor) -> int:
 
 
 def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
-            temperature: float = knn_mod.DEFAULT_TEMPERATURE, center: bool = True, plots: bool = True,
-            max_plot_points: int = 2000, **opts: Any) -> dict:
+            temperature: float = knn_mod.DEFAULT_TEMPERATURE, center: bool = True,
+            whiten: int | str | None = "recipe", plots: bool = True, max_plot_points: int = 2000,
+            **opts: Any) -> dict:
     """Weighted k-NN (DINO) of the eval split against the train split; see :func:`load_context` for ``opts``.
 
     ``center`` (default on) subtracts the bank's mean feature before the L2 normalisation, for every feature
     source alike (raw pixels need it; see :mod:`sslkit.eval.knn`). With it on, each ``k`` also carries
-    ``top1_uncentred`` and ``top5_uncentred``: DINO's exact protocol, without centring.
+    ``top1_uncentred`` and ``top5_uncentred``: DINO's exact protocol, without centring. ``whiten=d`` PCA-whitens
+    to ``d`` dimensions learned on the bank; the main figures are then the whitened ones, and ``top1_centred`` /
+    ``top5_centred`` and the uncentred ones are given next to them. ``"recipe"`` (the default) takes the run's
+    ``eval.knn_whiten``, so the figure matches the one training printed; ``None`` or 0 is off.
 
     Returns the results payload; ``metrics`` maps each ``k`` (as a string) to ``{"top1", "top5"}`` (%).
     """
     t0 = time.perf_counter()
     ctx = load_context(run_dir, **opts)
     ks = [int(k)] if isinstance(k, int) else [int(v) for v in k]
+    if whiten == "recipe":
+        whiten = ctx.cfg.eval.get("knn_whiten")
+    whiten = int(whiten) if whiten else None
     train, test = ctx.features("train"), ctx.features(ctx.eval_split)
     num_classes = _num_classes(ctx, train.labels, test.labels)
 
-    def knn(c: bool) -> dict:  # raw features in: knn_classify centres (or not) and normalises, pixels included
+    def knn(c: bool, w: int | None = None) -> dict:  # raw features in: knn_classify centres/whitens, normalises
         return knn_mod.knn_classify(train.features, train.labels, test.features, test.labels, k=ks,
-                                    temperature=temperature, num_classes=num_classes, center=c)
+                                    temperature=temperature, num_classes=num_classes, center=c, whiten=w)
 
-    res, t_eval = _timed(lambda: knn(center))
+    res, t_eval = _timed(lambda: knn(center, whiten))
     metrics = {str(kk): dict(v) for kk, v in res.items()}
-    if center:
-        for kk, v in knn(False).items():
-            metrics[str(kk)].update({"top1_uncentred": v["top1"], "top5_uncentred": v["top5"]})
+    plainer = ([("centred", True)] if whiten is not None and center else []) + (
+        [("uncentred", False)] if whiten is not None or center else [])
+    for name, c in plainer:
+        for kk, v in knn(c).items():
+            metrics[str(kk)].update({f"top1_{name}": v["top1"], f"top5_{name}": v["top5"]})
     pics: list[Path] = []
     if plots:
         from sslkit.eval.plots import embedding_plot
@@ -362,7 +371,8 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
                                    class_names=getattr(ctx.dataset(ctx.eval_split), "classes", None),
                                    max_points=max_plot_points, seed=ctx.seed,
                                    title=f"t-SNE of {ctx.eval_split} features: {ctx.source}"))
-    settings = {"k": ks, "temperature": temperature, "metric": "cosine", "center": center, "index": "Flat (exact)",
+    settings = {"k": ks, "temperature": temperature, "metric": "cosine", "center": center, "whiten": whiten,
+                "index": "Flat (exact)",
                 "faiss_gpu": knn_mod.faiss_gpu_available()}
     return _finish(ctx, "knn", metrics, settings, {"train": train, ctx.eval_split: test}, t0, t_eval, pics)
 

@@ -140,3 +140,33 @@ def test_eval_encoder_args_change_the_features_not_the_weights(tmp_path):
     b = run_knn(runs["grid"][0], k=5, progress=False, plots=False)
     assert a["features"]["encoder_hash"] != b["features"]["encoder_hash"]
     assert b["features"]["splits"]["train"]["dim"] == 256
+
+
+def test_knn_whitening_from_the_cli_and_from_the_recipe(run_dir, tmp_path, capsys):
+    """`--whiten D` gives knn_classify(whiten=D) as the main figure with the centred one next to it; without the
+    flag the run's eval.knn_whiten decides, so `sslkit eval knn` repeats what training printed; --whiten 0 is off."""
+    from sslkit.eval.knn import knn_classify
+    from sslkit.eval.report import load_context
+
+    ctx = load_context(run_dir, progress=False)
+    tr, te = ctx.features("train"), ctx.features(ctx.eval_split)
+    ref = {w: knn_classify(tr.features, tr.labels, te.features, te.labels, k=5, center=True, whiten=w)["top1"]
+           for w in (8, None)}
+    assert cli.main(["knn", str(run_dir), "--k", "5", "--whiten", "8", "--no-plots", "--no-progress"]) == 0
+    data = json.loads((run_dir / "eval" / "knn" / "results.json").read_text())
+    assert data["settings"]["whiten"] == 8 and data["metrics"]["5"]["top1"] == pytest.approx(ref[8])
+    assert data["metrics"]["5"]["top1_centred"] == pytest.approx(ref[None])
+    capsys.readouterr()
+    assert cli.main(["knn", str(run_dir), "--whiten", "-1", "--no-progress"]) == cli.EXIT_USAGE
+    assert "--whiten" in capsys.readouterr().err
+
+    whitened = tmp_path / "whitened-run"
+    whitened.mkdir()
+    (whitened / "encoder.safetensors").write_bytes((run_dir / "encoder.safetensors").read_bytes())
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.eval.knn_whiten = 8
+    OmegaConf.save(cfg, whitened / "config.yaml")
+    by_recipe = run_knn(whitened, k=5, plots=False, progress=False)
+    assert by_recipe["settings"]["whiten"] == 8 and by_recipe["metrics"]["5"]["top1"] == pytest.approx(ref[8])
+    off = run_knn(whitened, k=5, whiten=0, plots=False, progress=False)
+    assert off["settings"]["whiten"] is None and off["metrics"]["5"]["top1"] == pytest.approx(ref[None])

@@ -98,3 +98,59 @@ def test_knn_center_matches_numpy_on_centred_features_and_ignores_a_shared_offse
     shifted = knn_classify(xtr + offset, ytr, xte + offset, yte, k=20, num_classes=7, center=True)
     assert shifted["top1"] == pytest.approx(got["top1"], abs=100.0 / 80 + 1e-9)  # at most one float-tie flip
     assert knn_classify(xtr + offset, ytr, xte + offset, yte, k=20, num_classes=7)["top1"] != got["top1"]
+
+
+def numpy_whiten(bank, queries, d):
+    """Reference PCA whitening by SVD (Jegou & Chum 2012): centre on the bank, project on its d leading right
+    singular vectors, scale each axis to unit variance."""
+    mean = bank.mean(0, keepdims=True)
+    _, s, vt = np.linalg.svd(bank - mean, full_matrices=False)
+    proj = vt[:d].T / (s[:d] / np.sqrt(len(bank) - 1))  # (D, d)
+    return (bank - mean) @ proj, (queries - mean) @ proj
+
+
+@pytest.mark.parametrize("d", [4, 16])
+def test_whitened_knn_matches_numpy_svd_whitening(d):
+    """knn_classify(whiten=d) equals the NumPy vote on SVD-whitened features (axis signs do not matter: they
+    leave every inner product as it is), and the whitened bank has zero mean and identity covariance."""
+    from sslkit.eval.knn import whiten_on
+
+    xtr, ytr, xte, yte = _data(300, 80, d=16, c=5)
+    wb, wq = numpy_whiten(xtr.double().numpy(), xte.double().numpy(), d)
+    ref = numpy_knn(wb, ytr.numpy(), wq, yte.numpy(), 10, 0.07, 5)
+    assert knn_classify(xtr, ytr, xte, yte, k=10, whiten=d) == pytest.approx(ref)
+    ours_b, ours_q = whiten_on(xtr, xte, dim=d)
+    assert ours_b.shape == (300, d) and ours_q.shape == (80, d)
+    assert ours_b.double().mean(0).abs().max() < 1e-4
+    cov = ours_b.double().T @ ours_b.double() / (len(ours_b) - 1)
+    assert torch.allclose(cov, torch.eye(d, dtype=torch.float64), atol=1e-4)
+    # Same Gram matrix as the reference whitening, whatever the signs of the axes.
+    assert np.allclose(ours_q.double().numpy() @ ours_b.double().numpy().T, wq @ wb.T, atol=1e-3)
+
+
+def test_full_whitening_is_invariant_to_an_invertible_linear_map_and_differs_from_centring():
+    """Whitened to full dimension, k-NN depends only on the Mahalanobis geometry of the bank, so mixing the
+    feature axes by any invertible matrix changes nothing; plain centring is not invariant to that."""
+    xtr, ytr, xte, yte = _data(400, 120, d=12, c=6, seed=3)
+    g = torch.Generator().manual_seed(1)
+    rotation = torch.linalg.qr(torch.randn(12, 12, generator=g))[0]
+    mix = rotation @ torch.diag(torch.logspace(-1, 1, 12))  # axes mixed and rescaled 100-fold
+    base = knn_classify(xtr, ytr, xte, yte, k=[5, 20], whiten=12)
+    mixed = knn_classify(xtr @ mix, ytr, xte @ mix, yte, k=[5, 20], whiten=12)
+    assert mixed == base  # the same votes, so the same percentages exactly
+    assert knn_classify(xtr @ mix, ytr, xte @ mix, yte, k=20, center=True) != base[20]
+
+
+def test_whitening_clips_to_the_bank_rank_and_rejects_bad_dims():
+    """A bank spanning 3 of 8 dimensions whitens to 3 axes, however many are asked for; dim <= 0 and a
+    one-row bank are refused with the problem named."""
+    from sslkit.eval.knn import pca_whitening
+
+    g = torch.Generator().manual_seed(0)
+    bank = torch.randn(50, 3, generator=g) @ torch.randn(3, 8, generator=g)
+    mean, proj = pca_whitening(bank, 64)
+    assert mean.shape == (1, 8) and proj.shape == (8, 3)
+    with pytest.raises(ValueError, match="whitening dimension must be positive"):
+        pca_whitening(bank, 0)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        pca_whitening(bank[:1], 4)
