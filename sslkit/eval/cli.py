@@ -71,7 +71,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--whiten", type=int, default=None, metavar="D",
                    help="PCA-whiten the features to D dimensions learned on the bank, without labels (Jegou & Chum "
                         "2012), before normalising; the centred and uncentred figures are given too. Default: the "
-                        "run's eval.knn_whiten (the CPU ResNet recipes: 512); 0 = off")
+                        "run's eval.knn_whiten (the CPU recipes: 512); 0 = off")
     p.set_defaults(func=cmd_knn)
 
     p = subparsers.add_parser("linear", help="linear probe on frozen features",
