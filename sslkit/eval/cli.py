@@ -71,7 +71,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--whiten", type=int, default=None, metavar="D",
                    help="PCA-whiten the features to D dimensions learned on the bank, without labels (Jegou & Chum "
                         "2012), before normalising; the centred and uncentred figures are given too. Default: the "
-                        "run's eval.knn_whiten (the CPU recipes: 512); 0 = off")
+                        "run's eval.knn_whiten (the CPU recipes: 512), off with --no-center; 0 = off")
     p.set_defaults(func=cmd_knn)
 
     p = subparsers.add_parser("linear", help="linear probe on frozen features",
@@ -177,7 +177,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
     if args.whiten is not None and args.whiten < 0:
         print(f"error: --whiten needs a dimension > 0 (or 0 for off), got {args.whiten}", file=sys.stderr)
         return EXIT_USAGE
-    whiten = "recipe" if args.whiten is None else args.whiten
+    # --no-center alone asks for DINO's exact protocol, so it turns a recipe's whitening off too.
+    whiten = ("recipe" if not args.no_center else 0) if args.whiten is None else args.whiten
     return _run("knn", args, {"k": args.k, "temperature": args.temperature, "center": not args.no_center,
                               "whiten": whiten, "plots": not args.no_plots})
 

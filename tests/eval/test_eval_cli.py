@@ -170,3 +170,6 @@ def test_knn_whitening_from_the_cli_and_from_the_recipe(run_dir, tmp_path, capsy
     assert by_recipe["settings"]["whiten"] == 8 and by_recipe["metrics"]["5"]["top1"] == pytest.approx(ref[8])
     off = run_knn(whitened, k=5, whiten=0, plots=False, progress=False)
     assert off["settings"]["whiten"] is None and off["metrics"]["5"]["top1"] == pytest.approx(ref[None])
+    assert cli.main(["knn", str(whitened), "--k", "5", "--no-center", "--no-plots", "--no-progress"]) == 0
+    dino = json.loads((whitened / "eval" / "knn" / "results.json").read_text())
+    assert dino["settings"]["whiten"] is None and dino["settings"]["center"] is False
