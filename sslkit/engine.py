@@ -748,24 +748,13 @@ def _knn_eval(fabric, cfg: DictConfig, encoder: torch.nn.Module, monitor: bool) 
 def knn_protocols(cfg: DictConfig, ftr: torch.Tensor, ltr: torch.Tensor, fte: torch.Tensor, lte: torch.Tensor, *,
                   only_main: bool = False) -> dict[str, float]:
     """k-NN (``eval.knn_k``) under the recipe's protocol (``"top1"``, ``"top5"``) and, unless ``only_main``, the
-    plainer ones too: ``"top1_centred"`` when ``eval.knn_whiten`` is on, ``"top1_uncentred"`` (DINO's exact
-    protocol) whenever the main one centres or whitens."""
-    from sslkit.eval.knn import knn_classify
+    plainer ones too (:func:`sslkit.eval.knn.knn_protocols`: ``"top1_centred"``, ``"top1_uncentred"``)."""
+    from sslkit.eval import knn as knn_mod
 
     ev = cfg.eval
-    whitening = ev.get("knn_whiten")
-
-    def top(center: bool, whiten: int | None = None) -> dict[str, float]:
-        return knn_classify(ftr, ltr, fte, lte, k=ev.knn_k, temperature=ev.knn_temperature, center=center,
-                            whiten=whiten)
-
-    result = dict(top(ev.knn_center, whitening))
-    if not only_main:
-        if whitening is not None and ev.knn_center:
-            result["top1_centred"] = top(True)["top1"]
-        if whitening is not None or ev.knn_center:
-            result["top1_uncentred"] = top(False)["top1"]
-    return result
+    kw = {"k": ev.knn_k, "temperature": ev.knn_temperature, "center": ev.knn_center, "whiten": ev.get("knn_whiten")}
+    run = knn_mod.knn_classify if only_main else knn_mod.knn_protocols
+    return dict(run(ftr, ltr, fte, lte, **kw))
 
 
 def _pixel_knn(cfg: DictConfig, train_ds, test_ds) -> dict[str, float]:

@@ -225,3 +225,23 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     total = max(len(queries), 1)
     results = {kk: {"top1": 100.0 * h1 / total, "top5": 100.0 * h5 / total} for kk, (h1, h5) in hits.items()}
     return results[ks[0]] if isinstance(k, int | np.integer) else results
+
+
+def knn_protocols(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                  test_labels: torch.Tensor, *, center: bool = True, whiten: int | None = None, **kw) -> dict:
+    """:func:`knn_classify` under ``center`` / ``whiten``, with the plainer protocols alongside: each result also
+    carries ``top1_centred`` / ``top5_centred`` (when whitening and centring) and ``top1_uncentred`` /
+    ``top5_uncentred`` (DINO's exact protocol; when centring or whitening). ``kw`` goes to :func:`knn_classify`;
+    the result has its shape (flat for an int ``k``, per ``k`` for a list)."""
+    args = (train_feats, train_labels, test_feats, test_labels)
+    main = knn_classify(*args, center=center, whiten=whiten, **kw)
+    plainer = ([("centred", True)] if whiten is not None and center else []) + (
+        [("uncentred", False)] if whiten is not None or center else [])
+    per_k = isinstance(kw.get("k", DEFAULT_K), int | np.integer)
+    rows = {None: main} if per_k else main
+    for name, c in plainer:
+        other = knn_classify(*args, center=c, **kw)
+        for kk, row in rows.items():
+            got = other if per_k else other[kk]
+            row.update({f"top1_{name}": got["top1"], f"top5_{name}": got["top5"]})
+    return main

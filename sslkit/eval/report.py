@@ -349,17 +349,11 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
     train, test = ctx.features("train"), ctx.features(ctx.eval_split)
     num_classes = _num_classes(ctx, train.labels, test.labels)
 
-    def knn(c: bool, w: int | None = None) -> dict:  # raw features in: knn_classify centres/whitens, normalises
-        return knn_mod.knn_classify(train.features, train.labels, test.features, test.labels, k=ks,
-                                    temperature=temperature, num_classes=num_classes, center=c, whiten=w)
-
-    res, t_eval = _timed(lambda: knn(center, whiten))
+    # Raw features in: knn_protocols centres / whitens and normalises, pixels included.
+    res, t_eval = _timed(lambda: knn_mod.knn_protocols(
+        train.features, train.labels, test.features, test.labels, k=ks, temperature=temperature,
+        num_classes=num_classes, center=center, whiten=whiten))
     metrics = {str(kk): dict(v) for kk, v in res.items()}
-    plainer = ([("centred", True)] if whiten is not None and center else []) + (
-        [("uncentred", False)] if whiten is not None or center else [])
-    for name, c in plainer:
-        for kk, v in knn(c).items():
-            metrics[str(kk)].update({f"top1_{name}": v["top1"], f"top5_{name}": v["top5"]})
     pics: list[Path] = []
     if plots:
         from sslkit.eval.plots import embedding_plot

@@ -154,3 +154,23 @@ def test_whitening_clips_to_the_bank_rank_and_rejects_bad_dims():
         pca_whitening(bank, 0)
     with pytest.raises(ValueError, match="at least 2 rows"):
         pca_whitening(bank[:1], 4)
+
+
+@pytest.mark.parametrize("k", [10, [5, 10]])
+def test_knn_protocols_are_the_three_knn_classify_calls(k):
+    """knn_protocols gives knn_classify's result under the main protocol, with the centred and uncentred ones
+    next to it, in knn_classify's shape for an int k and for a list."""
+    from sslkit.eval.knn import knn_protocols
+
+    xtr, ytr, xte, yte = _data(200, 60, d=16, c=5, seed=2)
+    got = knn_protocols(xtr, ytr, xte, yte, k=k, whiten=8)
+    ref = {(c, w): knn_classify(xtr, ytr, xte, yte, k=k, center=c, whiten=w)
+           for c, w in ((True, 8), (True, None), (False, None))}
+    rows = [(got, {key: r for key, r in ref.items()})] if isinstance(k, int) else [
+        (got[kk], {key: r[kk] for key, r in ref.items()}) for kk in k]
+    for row, want in rows:
+        assert row["top1"] == want[(True, 8)]["top1"] and row["top5"] == want[(True, 8)]["top5"]
+        assert row["top1_centred"] == want[(True, None)]["top1"]
+        assert row["top1_uncentred"] == want[(False, None)]["top1"]
+    plain = knn_protocols(xtr, ytr, xte, yte, k=10, center=False)
+    assert plain == knn_classify(xtr, ytr, xte, yte, k=10)  # DINO's protocol: nothing plainer to add
