@@ -115,6 +115,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     _plots(p)
     _index_args(p)
     p.add_argument("--num-queries", type=int, default=retrieval_mod.DEFAULT_COPY_QUERIES, help="copies to search for")
+    p.add_argument("--whiten", type=int, default=0, metavar="D",
+                   help="PCA-whiten the features to D dimensions learned on the gallery, without labels, before the "
+                        "search (DINO's copy detection whitens); the plain figures are given too. Default 0 = off")
     p.add_argument("--ks", type=int, nargs="+", default=list(retrieval_mod.DEFAULT_KS), help="recall@k cut-offs")
     p.set_defaults(func=cmd_copy)
 
@@ -196,8 +199,11 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
+    if args.whiten < 0:
+        print(f"error: --whiten needs a dimension > 0 (or 0 for off), got {args.whiten}", file=sys.stderr)
+        return EXIT_USAGE
     return _run("copy", args, {"index": args.index, "nprobe": args.nprobe, "num_queries": args.num_queries,
-                               "ks": args.ks, "plots": not args.no_plots})
+                               "ks": args.ks, "whiten": args.whiten, "plots": not args.no_plots})
 
 
 def build_parser() -> argparse.ArgumentParser:

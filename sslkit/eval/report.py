@@ -500,12 +500,16 @@ def make_copy_queries(gallery: Dataset, num_queries: int, seed: int) -> tuple[Da
 def run_copy_detection(run_dir: str | Path, *, index: str = retrieval_mod.DEFAULT_INDEX,
                        ks: Sequence[int] = retrieval_mod.DEFAULT_KS,
                        num_queries: int = retrieval_mod.DEFAULT_COPY_QUERIES, nprobe: int | None = None,
-                       plots: bool = True, **opts: Any) -> dict:
+                       whiten: int | None = None, plots: bool = True, **opts: Any) -> dict:
     """Copy detection (DINO style): find the source of strongly augmented copies among the eval-split images.
 
     The gallery is the eval split (``test_subset`` limits it); queries are augmented copies of
     ``num_queries`` gallery images. ``metrics``: mAP (mean 1/rank of the source) and recall@k (%).
+    ``whiten=d``: PCA-whitened features (learned on the gallery, no labels), as in DINO's copy detection; the
+    unwhitened figures are then under ``metrics["plain"]``.
     """
+    if whiten is not None and whiten < 0:
+        raise EvalError(f"whiten must be a dimension > 0 (or 0 / None for off), got {whiten}")
     from sslkit.eval.plots import GRID_NEIGHBOURS, GRID_QUERIES
 
     if num_queries <= 0:
@@ -518,7 +522,8 @@ def run_copy_detection(run_dir: str | Path, *, index: str = retrieval_mod.DEFAUL
     queries = ctx.features_of(query_ds, "copies")
     g_f, q_f = _postprocess(ctx, gallery, queries)
     res, t_eval = _timed(lambda: retrieval_mod.copy_detection_metrics(
-        q_f, src, g_f, index=index, ks=ks, nprobe=nprobe, return_ids=GRID_NEIGHBOURS if plots else 0))
+        q_f, src, g_f, index=index, ks=ks, nprobe=nprobe, return_ids=GRID_NEIGHBOURS if plots else 0,
+        whiten=whiten or None))
     ids = res.pop("ids", None)
     pics: list[Path] = []
     if plots and ids is not None:
@@ -532,7 +537,7 @@ def run_copy_detection(run_dir: str | Path, *, index: str = retrieval_mod.DEFAUL
                                    eval_dir(ctx.run_dir, "copy", ctx.baseline) / "copy_grid.png",
                                    title=f"{ctx.source}: copies and their nearest originals (green = source)"))
     settings = {"index": index, "ks": list(ks), "num_queries": int(len(src)), "nprobe": nprobe,
-                "gallery_split": ctx.eval_split,
+                "gallery_split": ctx.eval_split, "whiten": res.get("whiten"),
                 "augmentation": {"crop_scale": list(retrieval_mod.COPY_CROP_SCALE),
                                  "color_jitter": list(retrieval_mod.COPY_JITTER), "jitter_p": retrieval_mod.COPY_JITTER_P,
                                  "blur_p": retrieval_mod.COPY_BLUR_P, "jpeg_quality": list(retrieval_mod.COPY_JPEG_QUALITY)}}

@@ -16,9 +16,11 @@ Label metrics (query set = eval split, gallery = train split), following Musgrav
 For an approximate index, ``exact_recall@k`` is the share of the exact (Flat) top-``k`` neighbours that it
 returns, and ``speedup`` the ratio of Flat's to the index's search time for the same queries.
 
-**Copy detection** (DINO, Caron et al. 2021, Sec. 4.2.2, simplified: pooled features, no whitening): queries
-are strongly augmented copies of gallery images (random crop, colour jitter, blur, JPEG re-encoding); each
-query has one relevant item, its source, so AP is ``1 / rank`` of the source within the retrieved list.
+**Copy detection** (DINO, Caron et al. 2021, Sec. 4.2.2, simplified: pooled features): queries are strongly
+augmented copies of gallery images (random crop, colour jitter, blur, JPEG re-encoding); each query has one
+relevant item, its source, so AP is ``1 / rank`` of the source within the retrieved list. DINO whitens the
+features before the search, with a PCA learned on 20k extra unlabelled images; ``whiten=d`` does the same with
+a PCA learned on the gallery itself (no labels are used), and keeps the plain figures next to the whitened ones.
 
 Example::
 
@@ -36,7 +38,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from sslkit.eval.knn import flat_ip_index, l2_normalize, to_gpu_if_available
+from sslkit.eval.knn import flat_ip_index, l2_normalize, to_gpu_if_available, whiten_on
 
 DEFAULT_INDEX = "Flat"
 DEFAULT_KS = (1, 5, 10)
@@ -402,14 +404,27 @@ def make_copies(images: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
 
 def copy_detection_metrics(query_feats: torch.Tensor, source_ids: torch.Tensor, gallery_feats: torch.Tensor, *,
                            index: str = DEFAULT_INDEX, ks: Sequence[int] = DEFAULT_KS, depth: int = DEFAULT_COPY_DEPTH,
-                           nprobe: int | None = None, use_gpu: bool | None = None, return_ids: int = 0) -> dict:
+                           nprobe: int | None = None, use_gpu: bool | None = None, return_ids: int = 0,
+                           whiten: int | None = None) -> dict:
     """Find each copy's source: mAP (= mean ``1/rank`` of the source, 0 beyond ``depth``) and recall@k (%).
 
     Args:
         query_feats: ``(Q, D)`` features of the copies.
         source_ids: ``(Q,)`` gallery row of each copy's source.
         gallery_feats: ``(N, D)``.
+        whiten: PCA-whiten both to this many dimensions, learned on the gallery (``eval.knn.pca_whitening``),
+            before normalising, as DINO's copy detection does. The figures without it are then kept under
+            ``"plain"``. None = off.
     """
+    if whiten:
+        plain = copy_detection_metrics(query_feats, source_ids, gallery_feats, index=index, ks=ks, depth=depth,
+                                       nprobe=nprobe, use_gpu=use_gpu)
+        gallery_w, queries_w = whiten_on(gallery_feats, query_feats, dim=int(whiten))
+        out = copy_detection_metrics(queries_w, source_ids, gallery_w, index=index, ks=ks, depth=depth,
+                                     nprobe=nprobe, use_gpu=use_gpu, return_ids=return_ids)
+        out.update(whiten=int(gallery_w.shape[1]), plain={k: v for k, v in plain.items() if k == "map" or
+                                                          k.startswith("recall@")})
+        return out
     gallery = l2_normalize(gallery_feats)
     queries = l2_normalize(query_feats)
     src = torch.as_tensor(source_ids).long().numpy()  # (Q,)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from sslkit.config import resolve
 from sslkit.eval import cli
-from sslkit.eval.report import run_copy_detection, run_knn, run_linear, run_retrieval
+from sslkit.eval.report import EvalError, run_copy_detection, run_knn, run_linear, run_retrieval
 from sslkit.run import RunError, build_encoder, save_encoder
 
 
@@ -76,6 +76,11 @@ def test_baselines_and_copy_detection(run_dir):
     assert rnd["features"]["encoder_hash"] != pix["features"]["encoder_hash"]
     copy = run_copy_detection(run_dir, num_queries=8, progress=False)
     assert copy["metrics"]["num_queries"] == 8 and 0 <= copy["metrics"]["map"] <= 100
+    assert "plain" not in copy["metrics"] and copy["settings"]["whiten"] is None
+    white = run_copy_detection(run_dir, num_queries=8, whiten=4, plots=False, progress=False)
+    assert white["settings"]["whiten"] == 4 and white["metrics"]["plain"]["map"] == pytest.approx(copy["metrics"]["map"])
+    with pytest.raises(EvalError, match="whiten"):
+        run_copy_detection(run_dir, num_queries=8, whiten=-2, progress=False)
 
 
 def test_cli_commands(run_dir, capsys):
@@ -159,6 +164,10 @@ def test_knn_whitening_from_the_cli_and_from_the_recipe(run_dir, tmp_path, capsy
     capsys.readouterr()
     assert cli.main(["knn", str(run_dir), "--whiten", "-1", "--no-progress"]) == cli.EXIT_USAGE
     assert "--whiten" in capsys.readouterr().err
+    assert cli.main(["copy", str(run_dir), "--num-queries", "8", "--whiten", "-1", "--no-progress"]) == cli.EXIT_USAGE
+    assert "--whiten" in capsys.readouterr().err
+    assert cli.main(["copy", str(run_dir), "--num-queries", "8", "--whiten", "4", "--no-plots", "--no-progress"]) == 0
+    assert "plain/map" in capsys.readouterr().out
 
     whitened = tmp_path / "whitened-run"
     whitened.mkdir()
