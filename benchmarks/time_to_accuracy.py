@@ -115,7 +115,7 @@ def monitor_curve(run: Path) -> list[dict[str, float]]:
 def monitor_protocol(summary: dict[str, Any]) -> str:
     """The monitor k-NN's protocol during training (``summary.json``; runs from before it was recorded centred)."""
     p = summary.get("knn_protocol") or {"center": True, "whiten": None}
-    return f"whitened to {p['whiten']}" if p.get("whiten") else ("centred" if p.get("center", True) else "uncentred")
+    return _protocol_name(p.get("whiten"), p.get("center", True))
 
 
 def evaluate(run: Path, baseline: str, args: argparse.Namespace, linear: bool, whiten: int | None = None) -> dict[str, Any]:
@@ -212,8 +212,13 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}%"
 
 
+def _protocol_name(whiten: int | None, center: bool = True) -> str:
+    return f"whitened to {whiten}" if whiten else ("centred" if center else "uncentred")
+
+
 def _protocol(f: dict[str, Any]) -> str:
-    return f"whitened to {f['knn_whiten']}" if f.get("knn_whiten") else "centred"
+    """The protocol of one evaluated entry (``knn_whiten`` set or not; this script's evaluations centre)."""
+    return _protocol_name(f.get("knn_whiten"))
 
 
 def table(results: dict[str, Any]) -> str:

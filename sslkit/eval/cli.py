@@ -177,9 +177,6 @@ def _run(kind: str, args: argparse.Namespace, kw: dict[str, Any]) -> int:
 
 
 def cmd_knn(args: argparse.Namespace) -> int:
-    if args.whiten is not None and args.whiten < 0:
-        print(f"error: --whiten needs a dimension > 0 (or 0 for off), got {args.whiten}", file=sys.stderr)
-        return EXIT_USAGE
     # --no-center alone asks for DINO's exact protocol, so it turns a recipe's whitening off too.
     whiten = ("recipe" if not args.no_center else 0) if args.whiten is None else args.whiten
     return _run("knn", args, {"k": args.k, "temperature": args.temperature, "center": not args.no_center,
@@ -199,9 +196,6 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
-    if args.whiten < 0:
-        print(f"error: --whiten needs a dimension > 0 (or 0 for off), got {args.whiten}", file=sys.stderr)
-        return EXIT_USAGE
     return _run("copy", args, {"index": args.index, "nprobe": args.nprobe, "num_queries": args.num_queries,
                                "ks": args.ks, "whiten": args.whiten, "plots": not args.no_plots})
 

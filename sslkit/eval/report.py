@@ -308,6 +308,13 @@ def _finish(ctx: EvalContext, kind: str, metrics: dict, settings: dict, sets: di
     return {**payload, "results_path": str(path)}
 
 
+def _whiten_dim(whiten: int | None) -> int | None:
+    """A whitening dimension (``whiten`` / ``--whiten``) checked: ``None`` or 0 -> None (off), ``d > 0`` -> d."""
+    if whiten is not None and int(whiten) < 0:
+        raise EvalError(f"whiten (--whiten) needs a dimension > 0, or 0 / None for off; got {whiten}")
+    return int(whiten) if whiten else None
+
+
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
@@ -341,11 +348,12 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
     Returns the results payload; ``metrics`` maps each ``k`` (as a string) to ``{"top1", "top5"}`` (%).
     """
     t0 = time.perf_counter()
+    if whiten != "recipe":
+        whiten = _whiten_dim(whiten)
     ctx = load_context(run_dir, **opts)
     ks = [int(k)] if isinstance(k, int) else [int(v) for v in k]
     if whiten == "recipe":
-        whiten = ctx.cfg.eval.get("knn_whiten")
-    whiten = int(whiten) if whiten else None
+        whiten = _whiten_dim(ctx.cfg.eval.get("knn_whiten"))
     train, test = ctx.features("train"), ctx.features(ctx.eval_split)
     num_classes = _num_classes(ctx, train.labels, test.labels)
 
@@ -508,8 +516,7 @@ def run_copy_detection(run_dir: str | Path, *, index: str = retrieval_mod.DEFAUL
     ``whiten=d``: PCA-whitened features (learned on the gallery, no labels), as in DINO's copy detection; the
     unwhitened figures are then under ``metrics["plain"]``.
     """
-    if whiten is not None and whiten < 0:
-        raise EvalError(f"whiten must be a dimension > 0 (or 0 / None for off), got {whiten}")
+    whiten = _whiten_dim(whiten)
     from sslkit.eval.plots import GRID_NEIGHBOURS, GRID_QUERIES
 
     if num_queries <= 0:
@@ -523,7 +530,7 @@ def run_copy_detection(run_dir: str | Path, *, index: str = retrieval_mod.DEFAUL
     g_f, q_f = _postprocess(ctx, gallery, queries)
     res, t_eval = _timed(lambda: retrieval_mod.copy_detection_metrics(
         q_f, src, g_f, index=index, ks=ks, nprobe=nprobe, return_ids=GRID_NEIGHBOURS if plots else 0,
-        whiten=whiten or None))
+        whiten=whiten))
     ids = res.pop("ids", None)
     pics: list[Path] = []
     if plots and ids is not None:
