@@ -9,8 +9,11 @@ Fashion-MNIST at 32 px, two pipelines run alternately on the identical backbone,
   where the CPU has native bf16, channels_last for CNNs, grouped multi-crop forward, foreach optimiser).
 
 Reported per pipeline: images/s (source images, steady state), the share of step time spent waiting for
-data, peak resident memory of the process so far, and model-FLOPs utilisation: training FLOPs per image
-(``torch.utils.flop_counter``) x images/s over the best matmul rate measured in the same run.
+data, peak resident memory, and model-FLOPs utilisation: training FLOPs per image (``torch.utils.flop_counter``)
+x images/s over the best matmul rate measured in the same run. Memory is measured twice: during the timed runs
+(``peak_rss_gb``, the shared process, so it includes what earlier pipelines left allocated) and with each
+pipeline alone in a fresh child process (``peak_rss_gb_alone``, 1 timed step; the table's column, skip it
+with ``--no-fresh-memory``). Both include the loader workers.
 
 On a GPU (``--device cuda``) the reference keeps lightly's PIL transforms in DataLoader workers and moves the
 views to the GPU (fp32, as in lightly's examples), while sslkit sends uint8 batches to the GPU and makes the
@@ -29,6 +32,8 @@ import argparse
 import copy
 import json
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +52,7 @@ MAE_DECODER = {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}
 DINO_OUT_DIM = 2048
 N_LOCAL = 6
 LOCAL_SIZE = 16
+KINDS = ("reference", "sslkit", "sslkit_compiled")
 
 
 class _Poller:
@@ -324,6 +330,28 @@ def run_sslkit(objective: str, batch: int, steps: int, workers: int, device: tor
     return out
 
 
+def run_pipeline(kind: str, objective: str, images: torch.Tensor, batch: int, steps: int, workers: int,
+                 device: torch.device) -> dict:
+    """One measurement of ``kind`` (``reference``, ``sslkit`` or ``sslkit_compiled``)."""
+    if kind == "reference":
+        return run_reference(objective, images, batch, steps, workers, device)
+    return run_sslkit(objective, batch, steps, 0 if device.type == "cuda" else workers, device,
+                      compile=kind == "sslkit_compiled")
+
+
+def peak_rss_alone(kind: str, objective: str, args: argparse.Namespace) -> float | None:
+    """Peak RSS (GB, loader workers included) of ``kind`` run alone in a fresh Python process, 1 timed step."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", kind, "--objectives", objective,
+           "--device", args.device, "--batch", str(args.batch), "--workers", str(args.workers),
+           "--images", str(args.images)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"[{objective}] memory probe of {kind} failed (exit {proc.returncode}); its column falls back to the "
+              f"shared process's figure:\n{proc.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_gb"]
+
+
 def train_flops_per_image(objective: str, batch: int = 8) -> float:
     """fwd+bwd FLOPs of one sslkit training step per source image (flop_counter counts matmuls and convs)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -356,6 +384,9 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true",
                     help="also time sslkit with trainer.compile=true (torch.compile); its compile time is reported "
                          "separately and the steady images/s excludes it")
+    ap.add_argument("--no-fresh-memory", dest="fresh_memory", action="store_false",
+                    help="skip measuring each pipeline's peak RSS alone in a fresh process (saves one short run each)")
+    ap.add_argument("--memory-probe", choices=KINDS, default=None, help=argparse.SUPPRESS)  # peak_rss_alone's child
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args()
     cuda = args.device == "cuda"
@@ -369,6 +400,10 @@ def main() -> int:
     load_all()
     torch.manual_seed(0)
     images = DATASETS.build("fashion_mnist", split="train").images[: args.images]
+    if args.memory_probe:  # a child of peak_rss_alone: one pipeline in this fresh process, JSON on the last line
+        m = run_pipeline(args.memory_probe, args.objectives[0], images, args.batch, 1, args.workers, device)
+        print(json.dumps({"peak_rss_gb": m["peak_rss_gb"]}))
+        return 0
     peaks = matmul_peak_gflops(device)
     machine = {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
@@ -377,22 +412,22 @@ def main() -> int:
     for obj in args.objectives:
         flops = train_flops_per_image(obj)
         rounds = []
+        kinds = KINDS if args.compile else KINDS[:2]
         for r in range(args.rounds):
-            ref = run_reference(obj, images, args.batch, args.steps, args.workers, device)
-            ours = run_sslkit(obj, args.batch, args.steps, 0 if cuda else args.workers, device)
-            rounds.append({"reference": ref, "sslkit": ours})
+            rounds.append({k: run_pipeline(k, obj, images, args.batch, args.steps, args.workers, device)
+                           for k in kinds})
+            ref, ours = rounds[-1]["reference"], rounds[-1]["sslkit"]
             if args.compile:
-                rounds[-1]["sslkit_compiled"] = run_sslkit(obj, args.batch, args.steps, 0 if cuda else args.workers,
-                                                           device, compile=True)
                 print(f"[{obj} round {r}] sslkit compiled {rounds[-1]['sslkit_compiled']['images_per_s']:.1f} img/s "
                       f"(compile {rounds[-1]['sslkit_compiled']['compile_s']:.0f} s)", flush=True)
             busy = (f"   GPU busy {100 * (ref.get('gpu_busy_share') or 0):.0f}% / "
                     f"{100 * (ours.get('gpu_busy_share') or 0):.0f}%") if cuda else ""
             print(f"[{obj} round {r}] lightly {ref['images_per_s']:.1f} img/s   sslkit {ours['images_per_s']:.1f} img/s"
                   f"{busy}", flush=True)
-        kinds = ("reference", "sslkit", *(("sslkit_compiled",) if args.compile else ()))
         best = {k: max((rd[k] for rd in rounds), key=lambda m: m["images_per_s"]) for k in kinds}
-        for m in best.values():
+        for k, m in best.items():
+            if args.fresh_memory:
+                m["peak_rss_gb_alone"] = peak_rss_alone(k, obj, args)
             peak = peaks["bfloat16"] if m["precision"].startswith("bf16") else max(peaks.values())
             m["train_gflop_per_image"] = flops / 1e9
             m["mfu_vs_best_matmul"] = flops * m["images_per_s"] / (peak * 1e9)
@@ -409,7 +444,8 @@ def main() -> int:
     gpu_cols = " GPU busy | peak GPU GB |" if cuda else ""
     lines = [f"Device: {machine['device']}, torch {torch.__version__}, batch {args.batch}, {args.steps} timed steps, "
              f"best of {args.rounds} alternations.\n",
-             "| objective | pipeline | images/s | speed-up | data wait | peak RSS GB | GFLOP/img | MFU | precision |"
+             f"| objective | pipeline | images/s | speed-up | data wait | peak RSS GB{' (alone)' * args.fresh_memory} "
+             "| GFLOP/img | MFU | precision |"
              + gpu_cols,
              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else "")]
     for obj, r in results["objectives"].items():
@@ -420,7 +456,7 @@ def main() -> int:
             name = {"reference": "lightly", "sslkit": "sslkit",
                     "sslkit_compiled": f"sslkit + torch.compile ({m.get('compile_s', 0):.0f} s to compile)"}[k]
             row = (f"| {obj} | {name} | {m['images_per_s']:.1f} | {sp} | "
-                   f"{100 * (m['data_wait_share'] or 0):.1f}% | {m['peak_rss_gb']:.2f} | "
+                   f"{100 * (m['data_wait_share'] or 0):.1f}% | {m.get('peak_rss_gb_alone') or m['peak_rss_gb']:.2f} | "
                    f"{m['train_gflop_per_image']:.2f} | {100 * m['mfu_vs_best_matmul']:.0f}% | {m['precision']} |")
             if cuda:
                 b = m.get("gpu_busy_share")
