@@ -209,6 +209,7 @@ def plot(results: dict[str, Any], path: Path, budget: float) -> Path:
 
 
 def _pct(v: float | None) -> str:
+    """A percentage for the table; ``n/a`` where it was not measured (``--no-linear``, ``--no-random``)."""
     return "n/a" if v is None else f"{v:.2f}%"
 
 
@@ -244,8 +245,7 @@ def table(results: dict[str, Any]) -> str:
                      f"{r['images_per_s']:.0f} | "
                      f"{f['knn_top1']:.2f}% | {_protocol(f)} | {_pct(f.get('pixels_knn_top1', px.get('knn_top1')))} | "
                      f"{_pct(f.get('knn_top1_centred', f['knn_top1']))} | {_pct(f.get('knn_top1_uncentred'))} | "
-                     f"{f.get('linear_top1', float('nan')):.2f}% | "
-                     f"{r['random']['knn_top1'] if r.get('random') else float('nan'):.2f}% | "
+                     f"{_pct(f.get('linear_top1'))} | {_pct((r.get('random') or {}).get('knn_top1'))} | "
                      f"{target.get('text', '')}{' (' + r['invalid'] + ')' if r.get('invalid') else ''} |")
     return "\n".join(lines) + "\n"
 

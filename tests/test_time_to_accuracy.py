@@ -31,3 +31,14 @@ def test_table_puts_the_pixels_of_the_same_protocol_next_to_each_recipe():
     row = next(line for line in md.splitlines() if line.startswith("| simclr_resnet_fmnist"))
     assert "| 92.09% | whitened to 512 | 88.50% | 89.68% | 89.07% | 91.88% | 80.40% | met |" in row
     assert "88.50% whitened to 512" in md
+
+
+def test_table_marks_skipped_linear_and_random_as_not_measured():
+    results = {"baselines": {"pixels": {"knn_top1": 86.05}},
+               "recipes": {"dino_resnet_fmnist": {
+                   "objective": "dino", "encoder": "resnet_cifar", "cpu": "x", "minutes": 27.9, "epochs": 5.6,
+                   "images_per_s": 200.0, "random": None, "target": {"text": "met"},
+                   "final": {"knn_top1": 91.75, "knn_whiten": 512, "knn_top1_centred": 89.05,
+                             "knn_top1_uncentred": 88.79, "pixels_knn_top1": 88.07}}}}  # --no-linear --no-random
+    row = next(line for line in tta.table(results).splitlines() if line.startswith("| dino_resnet_fmnist"))
+    assert "| 88.79% | n/a | n/a | met |" in row and "nan" not in row
