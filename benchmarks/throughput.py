@@ -455,8 +455,12 @@ def main() -> int:
                   "sslkit_compiled": f"{r.get('speedup_compiled', 0):.2f}x"}[k]
             name = {"reference": "lightly", "sslkit": "sslkit",
                     "sslkit_compiled": f"sslkit + torch.compile ({m.get('compile_s', 0):.0f} s to compile)"}[k]
+            alone = m.get("peak_rss_gb_alone")  # None: not measured, or its probe failed
+            rss = f"{m['peak_rss_gb']:.2f}" if alone is None else f"{alone:.2f}"
+            if alone is None and args.fresh_memory:
+                rss += " (shared process)"
             row = (f"| {obj} | {name} | {m['images_per_s']:.1f} | {sp} | "
-                   f"{100 * (m['data_wait_share'] or 0):.1f}% | {m.get('peak_rss_gb_alone') or m['peak_rss_gb']:.2f} | "
+                   f"{100 * (m['data_wait_share'] or 0):.1f}% | {rss} | "
                    f"{m['train_gflop_per_image']:.2f} | {100 * m['mfu_vs_best_matmul']:.0f}% | {m['precision']} |")
             if cuda:
                 b = m.get("gpu_busy_share")
