@@ -330,9 +330,14 @@ def run_sslkit(objective: str, batch: int, steps: int, workers: int, device: tor
     return out
 
 
-def run_pipeline(kind: str, objective: str, images: torch.Tensor, batch: int, steps: int, workers: int,
+def reference_images(n: int) -> torch.Tensor:
+    """The first ``n`` Fashion-MNIST training images (uint8) that lightly's reference pipeline trains on."""
+    return DATASETS.build("fashion_mnist", split="train").images[:n]
+
+
+def run_pipeline(kind: str, objective: str, images: torch.Tensor | None, batch: int, steps: int, workers: int,
                  device: torch.device) -> dict:
-    """One measurement of ``kind`` (``reference``, ``sslkit`` or ``sslkit_compiled``)."""
+    """One measurement of ``kind`` (``reference``, ``sslkit`` or ``sslkit_compiled``; only the first uses ``images``)."""
     if kind == "reference":
         return run_reference(objective, images, batch, steps, workers, device)
     return run_sslkit(objective, batch, steps, 0 if device.type == "cuda" else workers, device,
@@ -399,11 +404,13 @@ def main() -> int:
 
     load_all()
     torch.manual_seed(0)
-    images = DATASETS.build("fashion_mnist", split="train").images[: args.images]
     if args.memory_probe:  # a child of peak_rss_alone: one pipeline in this fresh process, JSON on the last line
+        # only lightly's loop reads these images; sslkit's engine loads its own data, so they stay out of its figure
+        images = reference_images(args.images) if args.memory_probe == "reference" else None
         m = run_pipeline(args.memory_probe, args.objectives[0], images, args.batch, 1, args.workers, device)
         print(json.dumps({"peak_rss_gb": m["peak_rss_gb"]}))
         return 0
+    images = reference_images(args.images)
     peaks = matmul_peak_gflops(device)
     machine = {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
