@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sslkit.config import ConfigError, section_kwargs
 from sslkit.data.loader import ResumableBatchSampler, ViewDataset, batch_generator
+from sslkit.encoders import fused_attention_wanted, set_fused_attention
 from sslkit.registry import AUGMENTATIONS, ENCODERS, OBJECTIVES, load_all
 from sslkit.run import (
     RunError,
@@ -433,6 +434,9 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         objective = objective.to(memory_format=torch.channels_last)
     if cfg.trainer.sync_batchnorm and world > 1:
         objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    fused = fused_attention_wanted(cfg.trainer.attention, fabric.device.type,
+                                   _resolve_precision(cfg).startswith("bf16"))
+    attention = ("fused" if fused else "math") if set_fused_attention(objective, fused) else None  # None: no ViT
 
     global_batch = cfg.data.batch_size * world
     peak_lr = scaled_lr(cfg, global_batch)
@@ -483,7 +487,8 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
         logs = MetricsLog(run_dir, step if ckpt is not None else None)
         fabric.print(f"run directory: {run_dir}  ({total_steps} steps, {steps_per_epoch}/epoch, global batch "
                      f"{global_batch}, lr {peak_lr:.3g}, precision {_resolve_precision(cfg)}, {world} process(es), "
-                     f"{'batched' if batched else 'per-image'} augmentation)")
+                     f"{'batched' if batched else 'per-image'} augmentation"
+                     f"{f', {attention} attention' if attention else ''})")
     fabric.barrier()
 
     def save_checkpoint(batch_in_epoch: int, ep: int) -> None:
@@ -641,7 +646,7 @@ def _train_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckp
                    "data_wait_share": data_wait / steady_time if steady_time > 0 else None, "train_seconds": train_time,
                    "final_loss": last_loss, "peak_rss_gb": peak_rss_gb(), "world_size": world,
                    "precision": _resolve_precision(cfg), "knn": knn_result, "finished": not stopped_early,
-                   "first_step_seconds": first_step_s, "compiled": bool(cfg.trainer.compile),
+                   "first_step_seconds": first_step_s, "compiled": bool(cfg.trainer.compile), "attention": attention,
                    "epochs": step / steps_per_epoch, "time_budget_minutes": cfg.trainer.time_budget_minutes,
                    "knn_protocol": {"center": bool(cfg.eval.knn_center), "whiten": cfg.eval.get("knn_whiten")}}
         bad_log = run_dir / "bad_files.txt"
