@@ -1,8 +1,8 @@
 """Where an MAE training step's time goes on this machine: a torch.profiler breakdown behind the MFU figure.
 
-MAE's model-FLOPs utilisation in ``benchmarks/throughput.py`` is far below the CNN objectives' (28% against
-80%). This runs sslkit's MAE step (the throughput benchmark's small ViT: 192-d, 6 blocks, patch 4, 32 px, 75%
-masking, batch 256, bf16 autocast as the engine uses it) under ``torch.profiler`` and groups self CPU time by
+MAE's model-FLOPs utilisation in ``benchmarks/throughput.py`` is below the CNN objectives'. This runs sslkit's MAE
+step (the throughput benchmark's small ViT: 192-d, 6 blocks, patch 4, 32 px, 75% masking, batch 256, bf16
+autocast and the attention kernel as the engine picks them) under ``torch.profiler`` and groups self CPU time by
 kind of operator. For the matrix products it also reports the rate they run at (FLOPs from
 ``torch.utils.flop_counter``, over their profiled time) against the best bf16 matmul of the same run.
 
@@ -23,6 +23,7 @@ import torch
 from throughput import MAE_DECODER, MAE_VIT, matmul_peak_gflops  # benchmarks/ is on sys.path as a script
 
 from sslkit.config import resolve
+from sslkit.encoders import fused_attention_wanted, set_fused_attention
 from sslkit.engine import build_objective
 
 GROUPS = [  # (group, regex over aten op names); first match wins
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                    "objective": {"name": "mae", **MAE_DECODER}, "optim": {"name": "adamw", "betas": [0.9, 0.95]}})
     torch.manual_seed(0)
     mae = build_objective(cfg)
+    set_fused_attention(mae, fused_attention_wanted("auto", "cpu", bf16=True))  # as the engine: math on CPU bf16
     opt = torch.optim.AdamW(mae.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=True)
     x = torch.randn(args.batch, 3, 32, 32)
 
