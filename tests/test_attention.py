@@ -10,16 +10,10 @@ from sslkit.config import ConfigError, resolve
 from sslkit.encoders import fused_attention_wanted, restore_attention, set_fused_attention
 from sslkit.engine import train
 from sslkit.eval.features import extract_features
-from sslkit.objectives.mae import MAE, MAEConfig
-from sslkit.registry import DATASETS, ENCODERS, OBJECTIVES, load_all
+from sslkit.registry import DATASETS, ENCODERS, load_all
+from tests.test_mae import _mae  # the tiny MAE (2-block 64-d ViT, 1-block decoder)
 
 load_all()
-
-
-def _mae(seed: int = 0) -> MAE:
-    torch.manual_seed(seed)
-    enc = ENCODERS.build("vit_tiny_patch4_32", depth=2, embed_dim=64, num_heads=2)
-    return OBJECTIVES.build("mae", encoder=enc, cfg=MAEConfig(decoder_dim=64, decoder_depth=1, decoder_heads=4))
 
 
 def _flags(module: torch.nn.Module) -> list[bool]:
