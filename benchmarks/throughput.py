@@ -44,7 +44,8 @@ from torch import nn
 
 from sslkit.config import resolve
 from sslkit.engine import _resolve_precision, build_objective, train
-from sslkit.registry import DATASETS, ENCODERS, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import DATASETS, ENCODERS
 
 IMAGE_SIZE = 32
 MAE_VIT = {"name": "vit_tiny_patch4_32", "depth": 6, "embed_dim": 192, "num_heads": 3}  # PERF_NOTES' small ViT

@@ -52,7 +52,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from sslkit.registry import ALL, load_all
+    from sslkit.plugins import load_all
+    from sslkit.registry import ALL
 
     load_all()
     for kind, reg in ALL.items():

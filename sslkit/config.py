@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sslkit.encoders import ATTENTION_MODES
-from sslkit.registry import AUGMENTATIONS, ENCODERS, OBJECTIVES, RegistryError, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import AUGMENTATIONS, ENCODERS, OBJECTIVES, RegistryError
 
 
 class ConfigError(ValueError):
@@ -243,22 +244,42 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None) -> DictConf
     return cfg
 
 
-def _patch_size(encoder_name: str) -> int | None:
-    """Patch size of a ViT encoder from its name (``..._patch16_...``), None for CNNs."""
-    import re
+def encoder_facts(cfg: DictConfig) -> Any:
+    """The recipe's encoder built on the meta device (no memory, no initialisation cost), to ask it for the facts
+    the checks need (``patch_size``, ``dim``); None when it cannot be built there (the engine's fail-fast build
+    reports its errors)."""
+    import torch
 
-    m = re.search(r"patch(\d+)", encoder_name)
-    return int(m.group(1)) if m else None
+    try:
+        with torch.device("meta"):
+            return ENCODERS.build(cfg.encoder.name, **section_kwargs(cfg.encoder))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"recipe section 'encoder' ({cfg.encoder.name}): {e}") from None
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device is checked later
+        return None
 
 
 def _check_pipeline(cfg: DictConfig) -> None:
-    """Build the augmentation (cheap) so bad values fail here, and check view sizes against the patch size."""
+    """Build the augmentation (cheap) so bad values fail here, and ask the objective whether the views it makes
+    are the views it needs, and the encoder whether their sizes fit its patches."""
     try:
         pipeline = AUGMENTATIONS.build(cfg.augment.name, **section_kwargs(cfg.augment))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"recipe section 'augment' ({cfg.augment.name}): {e}") from None
-    patch = _patch_size(cfg.encoder.name)
-    for size in getattr(pipeline, "view_sizes", []):
+    sizes = list(getattr(pipeline, "view_sizes", []))
+    entry = OBJECTIVES.get(cfg.objective.name)
+    needs = getattr(entry.factory, "required_views", None)
+    if needs is not None:
+        obj_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.config), cfg.objective)) \
+            if entry.config else None
+        problem = needs(obj_cfg).problem(sizes)
+        if problem:
+            raise ConfigError(f"objective '{cfg.objective.name}' {problem} (augment '{cfg.augment.name}'). Choose an "
+                              f"augmentation that makes {needs(obj_cfg)}, or change the augment section's view "
+                              f"settings (e.g. num_views, num_local).")
+    encoder = encoder_facts(cfg)
+    patch = getattr(encoder, "patch_size", None)
+    for size in sizes:
         if size <= 0:
             raise ConfigError(f"recipe section 'augment': view size {size} must be positive.")
         if patch and size % patch:
@@ -302,19 +323,6 @@ def _cross_checks(cfg: DictConfig) -> None:
     for k, (v, valid) in choices.items():
         if v not in valid:
             raise ConfigError(f"recipe key '{k}': {v!r} is not one of {', '.join(valid)}.")
-    obj_cls = OBJECTIVES.get(cfg.objective.name).factory
-    views = getattr(obj_cls, "views", None)
-    aug = cfg.augment
-    if views == "pair" and (aug.name == "multicrop" or aug.get("num_views", 2) != 2):
-        raise ConfigError(f"objective '{cfg.objective.name}' needs exactly two same-size views; augment "
-                          f"'{aug.name}' gives a different set. Use augment.name=simclr (num_views=2).")
-    if views != "multicrop" and aug.name == "multicrop":
-        raise ConfigError(f"augment 'multicrop' (local crops) needs a multi-crop objective such as dino; "
-                          f"objective '{cfg.objective.name}' cannot use local crops.")
-    if views == "multicrop" and aug.name != "multicrop":
-        raise ConfigError(f"objective '{cfg.objective.name}' needs augment.name=multicrop, got {aug.name!r}.")
-    if views == "single" and aug.get("num_views", 1) != 1:
-        raise ConfigError(f"objective '{cfg.objective.name}' takes one view per image; set augment.name=mae.")
     _check_pipeline(cfg)
 
 

@@ -33,7 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 from sslkit.config import ConfigError, section_kwargs
 from sslkit.data.loader import ResumableBatchSampler, ViewDataset, batch_generator
 from sslkit.encoders import fused_attention_wanted, set_fused_attention
-from sslkit.registry import AUGMENTATIONS, ENCODERS, OBJECTIVES, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import AUGMENTATIONS, ENCODERS, OBJECTIVES
 from sslkit.run import (
     RunError,
     atomic_write_bytes,

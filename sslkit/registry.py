@@ -123,27 +123,3 @@ OBJECTIVES = Registry("objective")
 DATASETS = Registry("dataset")
 
 ALL = {"encoders": ENCODERS, "augmentations": AUGMENTATIONS, "objectives": OBJECTIVES, "datasets": DATASETS}
-
-
-PLUGINS_ENV = "SSLKIT_PLUGINS"
-
-
-def load_all() -> None:
-    """Import the modules that fill the registries (they register on import).
-
-    Modules named in ``$SSLKIT_PLUGINS`` (comma-separated) are imported too, so your own encoders,
-    augmentations or objectives are registered in every process, DDP workers included.
-    """
-    import importlib
-    import os
-
-    import sslkit.augment  # noqa: F401
-    import sslkit.data  # noqa: F401
-    import sslkit.encoders  # noqa: F401
-    import sslkit.objectives  # noqa: F401
-
-    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise RegistryError(f"cannot import plugin module {module!r} from ${PLUGINS_ENV}: {e}") from None

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sslkit.registry import ENCODERS, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import ENCODERS
 
 
 class RunError(RuntimeError):

@@ -10,7 +10,8 @@ from sslkit.config import ConfigError, resolve
 from sslkit.encoders import fused_attention_wanted, restore_attention, set_fused_attention
 from sslkit.engine import train
 from sslkit.eval.features import extract_features
-from sslkit.registry import DATASETS, ENCODERS, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import DATASETS, ENCODERS
 from tests.test_mae import _mae  # the tiny MAE (2-block 64-d ViT, 1-block decoder)
 
 load_all()

@@ -5,7 +5,8 @@ import torch
 from torchvision.transforms import v2
 
 from sslkit.config import factory_schema
-from sslkit.registry import AUGMENTATIONS, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import AUGMENTATIONS
 
 load_all()
 

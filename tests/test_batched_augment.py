@@ -9,7 +9,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from sslkit.augment import batched as B
 from sslkit.augment.base import IMAGENET_MEAN, IMAGENET_STD, ViewPipeline
-from sslkit.registry import AUGMENTATIONS, RegistryError, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import AUGMENTATIONS, RegistryError
 
 load_all()
 

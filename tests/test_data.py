@@ -10,7 +10,8 @@ from PIL import Image
 
 from sslkit.data import DataError, subset_dataset
 from sslkit.data.fashion_mnist import DEBIAN_DIR
-from sslkit.registry import DATASETS, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import DATASETS
 
 load_all()
 

@@ -28,7 +28,8 @@ from sslkit.objectives.dino import (
     teacher_temp_at,
     update_center,
 )
-from sslkit.registry import ENCODERS, OBJECTIVES, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import ENCODERS, OBJECTIVES
 
 torch.set_num_threads(1)
 load_all()
@@ -369,8 +370,11 @@ def test_recipes_validate(recipe):
 
 
 def test_dino_needs_multicrop():
-    with pytest.raises(ConfigError, match="multicrop"):
-        resolve({"objective": {"name": "dino"}, "augment": {"name": "simclr"}})
+    # The check asks the pipeline what it makes: two global views (with or without local crops) are DINO's
+    # input whatever the augmentation is called; one view is not.
+    with pytest.raises(ConfigError, match="needs two views of one size"):
+        resolve({"objective": {"name": "dino"}, "augment": {"name": "mae", "image_size": 32}})
+    assert resolve({"objective": {"name": "dino"}, "augment": {"name": "simclr"}}).augment.name == "simclr"
     with pytest.raises(ConfigError, match="freeze_last_layr"):
         resolve({"objective": {"name": "dino", "freeze_last_layr": 1}, "augment": {"name": "multicrop"}})
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sslkit.registry import ENCODERS, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import ENCODERS
 
 load_all()
 # Small inputs keep the big models cheap; ViTs interpolate their position embeddings (dynamic_img_size).

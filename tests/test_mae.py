@@ -22,7 +22,8 @@ from sslkit.objectives.mae import (
     sincos_2d,
     unpatchify,
 )
-from sslkit.registry import AUGMENTATIONS, DATASETS, ENCODERS, OBJECTIVES, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import AUGMENTATIONS, DATASETS, ENCODERS, OBJECTIVES
 
 load_all()
 

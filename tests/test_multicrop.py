@@ -8,7 +8,8 @@ from torchvision.transforms import v2
 
 from sslkit.augment.base import ViewPipeline
 from sslkit.config import ConfigError, resolve
-from sslkit.registry import AUGMENTATIONS, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import AUGMENTATIONS
 
 load_all()
 

@@ -1,6 +1,7 @@
 import pytest
 
-from sslkit.registry import ALL, Registry, RegistryError, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import ALL, Registry, RegistryError
 
 
 def test_build_passes_kwargs_and_unknown_name_lists_valid():

@@ -3,7 +3,8 @@ import torch
 from lightly.loss import DCLLoss, NTXentLoss
 
 from sslkit.objectives.simclr import SimCLR, SimCLRConfig, nt_xent
-from sslkit.registry import ENCODERS, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import ENCODERS
 
 from .dist_utils import run_distributed
 

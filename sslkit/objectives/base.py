@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,17 +16,57 @@ class ObjectiveConfig:
     name: str = "simclr"
 
 
+@dataclass(frozen=True)
+class Views:
+    """The views an objective needs from the augmentation pipeline, in terms of what the pipeline makes.
+
+    Args:
+        num_global: leading views of one size (SimCLR, BYOL, VICReg: 2; MAE: 1; DINO: 2, the teacher's input).
+        locals: whether any number of further views (multi-crop's smaller local crops) may follow them.
+
+    The recipe check compares this with the pipeline's ``view_sizes`` before any work starts, so a new
+    augmentation works with every objective whose views it makes, whatever it is called.
+    """
+
+    num_global: int = 2
+    locals: bool = False
+
+    def problem(self, sizes: Sequence[int]) -> str | None:
+        """Why views of ``sizes`` do not fit, or None when they do."""
+        sizes = list(sizes)
+        if len(sizes) < self.num_global or len(set(sizes[:self.num_global])) != 1:
+            return f"needs {self._count()} of one size first; the pipeline makes views of sizes {sizes}"
+        if not self.locals and len(sizes) != self.num_global:
+            return (f"takes exactly {self._count()} and no local crops; the pipeline makes {len(sizes)} "
+                    f"(sizes {sizes})")
+        return None
+
+    def _count(self) -> str:
+        words = {1: "one view", 2: "two views", 3: "three views"}
+        return words.get(self.num_global, f"{self.num_global} views")
+
+    def __str__(self) -> str:
+        return f"{self._count()} of one size" + (" then any local crops" if self.locals else "")
+
+
 class Objective(nn.Module):
     """Base class. Subclasses set ``Config`` and implement :meth:`forward`.
 
+    A new objective subclasses this, registers itself with ``@OBJECTIVES.register(name, config=Config)`` at
+    import time and is then trained by the one engine, in sslkit or in a plug-in module (``$SSLKIT_PLUGINS``).
+
     Attributes:
-        views: which augmentation family the objective needs: "pair" (exactly 2 same-size views),
-            "multicrop" (2 global views then local views) or "single" (one view). The recipe is
-            checked against it before any work starts.
+        Config: the dataclass of the recipe's ``objective`` section (every key checked with its type).
+        views: the :class:`Views` the objective needs; :meth:`required_views` may refine it from the config.
     """
 
     Config: type = ObjectiveConfig
-    views: str = "pair"
+    views: Views = Views(num_global=2)
+
+    @classmethod
+    def required_views(cls, cfg) -> Views:  # noqa: ANN001 - the objective's Config instance
+        """The views this objective needs under ``cfg`` (checked against the augmentation before any work)."""
+        return cls.views
 
     def __init__(self, encoder: Encoder, cfg) -> None:
         super().__init__()

@@ -20,117 +20,23 @@ teacher and the center) continues exactly.
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import weight_norm
 
 from sslkit.encoders import Encoder
-from sslkit.objectives.base import Objective
+from sslkit.heads import DINOHead, MomentumTeacher
+from sslkit.heads.momentum import cosine_momentum
+from sslkit.losses.dino import batch_center, dino_loss, teacher_entropy, update_center
+from sslkit.objectives.base import Objective, Views
 from sslkit.registry import OBJECTIVES
 
-HEAD_INIT_STD = 0.02  # truncated-normal std of the head's MLP weights (official DINOHead._init_weights)
+__all__ = ["DINO", "DINOConfig", "DINOHead", "batch_center", "dino_loss", "ema_momentum_at", "multicrop_forward",
+           "size_groups", "teacher_entropy", "teacher_temp_at", "update_center"]
+
 FREEZE_UNITS = ("epochs", "steps")
-
-
-# --------------------------------------------------------------------------------------------- loss
-
-
-def _stack(views: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """A list of V tensors (B, K), or an already stacked (V, B, K) tensor -> float32 (V, B, K)."""
-    out = views if isinstance(views, torch.Tensor) else torch.stack(list(views))
-    if out.ndim != 3:
-        raise ValueError(f"expected views of shape (B, K) or a stack (V, B, K), got {tuple(out.shape)}")
-    return out.float()
-
-
-def dino_loss(teacher_out: Sequence[torch.Tensor] | torch.Tensor, student_out: Sequence[torch.Tensor] | torch.Tensor,
-              center: torch.Tensor, teacher_temp: float, student_temp: float = 0.1) -> torch.Tensor:
-    """DINO's cross-entropy between centred, sharpened teacher and student distributions.
-
-    Paper: Caron et al. 2021, eq. (1)-(2) and Algorithm 1. Teacher view ``i`` and student view ``j`` form a
-    pair unless ``i == j`` (the same crop): the teacher sees the global crops, which are the student's first
-    views, so every global crop is matched against every *other* crop.
-
-    Args:
-        teacher_out: T tensors (B, K) or a stack (T, B, K): teacher head outputs (logits) of the global crops.
-        student_out: S tensors (B, K) or a stack (S, B, K): student head outputs of all crops, globals first.
-        center: (K,), (1, K) or (1, 1, K) running mean of the teacher outputs.
-        teacher_temp: sharpening temperature of the teacher softmax (0.04 -> 0.07 in the paper).
-        student_temp: temperature of the student softmax (0.1 in the paper).
-
-    Returns:
-        Scalar: ``sum_{i != j} mean_b -<softmax((t_i - C)/tau_t), log_softmax(s_j/tau_s)> / n_pairs``.
-
-    Example:
-        >>> t = [torch.randn(8, 256) for _ in range(2)]
-        >>> s = [torch.randn(8, 256) for _ in range(6)]
-        >>> loss = dino_loss(t, s, center=torch.zeros(256), teacher_temp=0.04)
-    """
-    t = _stack(teacher_out)  # (T, B, K)
-    s = _stack(student_out)  # (S, B, K)
-    if t.shape[1:] != s.shape[1:]:
-        raise ValueError(f"teacher {tuple(t.shape)} and student {tuple(s.shape)} outputs differ in (B, K)")
-    with torch.autocast(t.device.type, enabled=False):  # fp32 even under bf16 autocast: sums over K terms
-        t_prob = F.softmax((t - center.reshape(1, 1, -1).float()) / teacher_temp, dim=-1)  # (T, B, K)
-        s_logp = F.log_softmax(s / student_temp, dim=-1)  # (S, B, K)
-        ce = -torch.einsum("tbk,sbk->ts", t_prob, s_logp) / t.shape[1]  # (T, S): batch-mean CE per pair
-    same_view = torch.eye(*ce.shape, dtype=torch.bool, device=ce.device)  # teacher view i is student view i
-    n_pairs = ce.shape[0] * ce.shape[1] - min(ce.shape)  # from shapes: no host sync, no torch.compile graph break
-    if n_pairs == 0:
-        raise ValueError(f"dino_loss needs at least one pair of different views; got {t.shape[0]} teacher and "
-                         f"{s.shape[0]} student view(s)")
-    return ce.masked_fill(same_view, 0.0).sum() / n_pairs
-
-
-@torch.no_grad()
-def batch_center(teacher_out: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """Mean teacher output over views and samples -> (1, K), averaged over all ranks when distributed.
-
-    Every rank holds the same number of samples, so the mean of the per-rank means is the mean over the
-    global batch (the official code all-reduces the sum and divides by ``T * B * world_size``).
-    """
-    mean = _stack(teacher_out).mean(dim=(0, 1)).unsqueeze(0)  # (1, K)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(mean)
-        mean = mean / dist.get_world_size()
-    return mean
-
-
-@torch.no_grad()
-def update_center(center: torch.Tensor, teacher_out: Sequence[torch.Tensor] | torch.Tensor,
-                  momentum: float = 0.9) -> torch.Tensor:
-    """EMA of the teacher's batch mean: ``momentum * center + (1 - momentum) * mean(teacher_out)``.
-
-    Args:
-        center: (1, K) current center (other shapes with K elements are kept as they are).
-        teacher_out: T tensors (B, K) or a stack (T, B, K), the teacher outputs the loss was computed with.
-        momentum: the center momentum m_c (0.9 in the paper).
-
-    Returns:
-        The new center, same shape and dtype as ``center``.
-
-    Example:
-        >>> c = update_center(torch.zeros(1, 256), [torch.randn(8, 256)] * 2, momentum=0.9)
-    """
-    new = center.float() * momentum + batch_center(teacher_out).reshape(center.shape) * (1.0 - momentum)
-    return new.to(center.dtype)
-
-
-@torch.no_grad()
-def teacher_entropy(teacher_out: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
-    """Mean entropy (nats) of the centred, sharpened teacher distribution; a collapse monitor.
-
-    Near ``log K``: uniform collapse (centering dominates); near 0: one-hot collapse (sharpening dominates).
-    """
-    logp = F.log_softmax((_stack(teacher_out) - center.reshape(1, 1, -1).float()) / teacher_temp, dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
 
 
 # --------------------------------------------------------------------------------------------- schedules
@@ -146,77 +52,7 @@ def teacher_temp_at(step: int, warmup_steps: int, start: float, end: float) -> f
     return start + (end - start) * step / warmup_steps
 
 
-def ema_momentum_at(step: int, total_steps: int, start: float, end: float = 1.0) -> float:
-    """Teacher EMA momentum at ``step``: cosine from ``start`` (step 0) towards ``end`` (step ``total_steps``).
-
-    ``end - (end - start) * (1 + cos(pi * step / total_steps)) / 2``, the official ``cosine_scheduler``.
-    """
-    progress = min(max(step, 0), total_steps) / total_steps
-    return end - (end - start) * (1.0 + math.cos(math.pi * progress)) / 2.0
-
-
-# --------------------------------------------------------------------------------------------- head
-
-
-class DINOHead(nn.Module):
-    """Projection head: MLP -> L2 normalisation -> weight-normalised linear layer without bias.
-
-    Paper section 3.1 / appendix: 3 layers, hidden 2048, GELU, bottleneck 256, then K outputs.
-
-    Args:
-        in_dim: encoder feature size.
-        out_dim: K, the number of output "prototypes".
-        hidden_dim, bottleneck_dim, num_layers: MLP shape (``num_layers`` linear layers before the last layer).
-        use_bn: BatchNorm after each hidden linear layer (official: off for ViTs).
-        norm_last_layer: fix the weight-norm magnitude g to 1 (not trainable), so only directions are learnt.
-
-    Example:
-        >>> head = DINOHead(192, 4096)
-        >>> head(torch.randn(8, 192)).shape
-        torch.Size([8, 4096])
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True) -> None:
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"DINO head needs at least one MLP layer, got num_layers={num_layers}")
-        layers: list[nn.Module] = []
-        d = in_dim
-        for _ in range(num_layers - 1):
-            layers += [nn.Linear(d, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if use_bn else []), nn.GELU()]
-            d = hidden_dim
-        layers.append(nn.Linear(d, bottleneck_dim))
-        self.mlp = nn.Sequential(*layers)
-        self.mlp.apply(_init_linear)
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        magnitude = self.last_layer.parametrizations.weight.original0  # g: (out_dim, 1)
-        with torch.no_grad():
-            magnitude.fill_(1.0)
-        magnitude.requires_grad_(not norm_last_layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, in_dim) -> (N, out_dim)."""
-        z = F.normalize(self.mlp(x), dim=-1)  # (N, bottleneck) on the unit sphere
-        return self.last_layer(z)
-
-
-def _init_linear(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=HEAD_INIT_STD)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-
-def _strip_stochastic_depth(module: nn.Module) -> None:
-    """Turn off stochastic depth and dropout in place: DropPath -> Identity, Dropout p -> 0 (no state changes)."""
-    for name, child in list(module.named_children()):
-        if type(child).__name__ == "DropPath":  # timm's; Identity is what timm builds for drop_path_rate=0
-            setattr(module, name, nn.Identity())
-        elif isinstance(child, nn.modules.dropout._DropoutNd):
-            child.p = 0.0  # kept as a module: timm's attention reads `attn_drop.p`
-        else:
-            _strip_stochastic_depth(child)
+ema_momentum_at = cosine_momentum  # the teacher's EMA momentum at a step (sslkit.heads.momentum)
 
 
 def size_groups(views: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
@@ -307,7 +143,11 @@ class DINO(Objective):
     """
 
     Config = DINOConfig
-    views = "multicrop"
+    views = Views(num_global=2, locals=True)
+
+    @classmethod
+    def required_views(cls, cfg: DINOConfig) -> Views:
+        return Views(num_global=cfg.num_global_views, locals=True)
 
     def __init__(self, encoder: Encoder, cfg: DINOConfig) -> None:
         super().__init__(encoder, cfg)
@@ -315,10 +155,8 @@ class DINO(Objective):
         self.head = DINOHead(encoder.dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
                              cfg.head_layers, cfg.head_use_bn, cfg.norm_last_layer)
         # Teacher: same architecture and initial weights; updated only by EMA, never by gradients.
-        self.teacher = nn.ModuleDict({"encoder": copy.deepcopy(encoder), "head": copy.deepcopy(self.head)})
-        if not cfg.teacher_stochastic_depth:
-            _strip_stochastic_depth(self.teacher)
-        self.teacher.requires_grad_(False)
+        self.teacher = MomentumTeacher(self.students(), cfg.momentum_teacher, cfg.momentum_teacher_end,
+                                       stochastic_depth=cfg.teacher_stochastic_depth)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # (1, K), in state_dict for exact resume
         if cfg.koleo_weight > 0:
             from lightly.loss import KoLeoLoss
@@ -338,7 +176,11 @@ class DINO(Objective):
         return teacher_temp_at(step, warmup, self.cfg.warmup_teacher_temp, self.cfg.teacher_temp)
 
     def momentum(self, step: int) -> float:
-        return ema_momentum_at(step, self.total_steps, self.cfg.momentum_teacher, self.cfg.momentum_teacher_end)
+        return self.teacher.momentum(step, self.total_steps)
+
+    def students(self) -> dict[str, nn.Module]:
+        """The modules the teacher averages, by the teacher's names for them."""
+        return {"encoder": self.encoder, "head": self.head}
 
     # ----- training step
 
@@ -373,11 +215,7 @@ class DINO(Objective):
     @torch.no_grad()
     def on_step_end(self, step: int) -> None:
         """teacher <- m * teacher + (1 - m) * student, with this step's momentum."""
-        m = self.momentum(step)
-        teacher = [*self.teacher["encoder"].parameters(), *self.teacher["head"].parameters()]
-        student = [*self.encoder.parameters(), *self.head.parameters()]
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, [p.detach() for p in student], alpha=1.0 - m)
+        self.teacher.update_from(self.students(), step, self.total_steps)
 
     def eval_encoder(self) -> Encoder:
         return self.teacher["encoder"]

@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from sslkit.encoders import Encoder
-from sslkit.objectives.base import Objective
+from sslkit.objectives.base import Objective, Views
 from sslkit.registry import OBJECTIVES
 
 # Wavelength scale of the sin-cos position embedding (Vaswani et al. 2017; the official MAE code uses the same).
@@ -291,7 +291,7 @@ class MAE(Objective):
     """
 
     Config = MAEConfig
-    views = "single"
+    views = Views(num_global=1)
 
     def __init__(self, encoder: Encoder, cfg: MAEConfig) -> None:
         super().__init__(encoder, cfg)

@@ -10,84 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
 from sslkit.encoders import Encoder
-from sslkit.objectives.base import Objective
+from sslkit.heads import ProjectionHead
+from sslkit.losses.distributed import gather_with_grad
+from sslkit.losses.nt_xent import nt_xent
+from sslkit.objectives.base import Objective, Views
 from sslkit.registry import OBJECTIVES
 
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (n, D) from all ranks -> (world*n, D); gradients flow back to every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
-
-
-def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float = 0.5, gather: bool = True,
-            decoupled: bool = False) -> torch.Tensor:
-    """Normalised temperature-scaled cross-entropy.
-
-    Args:
-        z0, z1: (n, D) projections of the two views of the same n images (local batch).
-        temperature: the softmax temperature tau.
-        gather: under torch.distributed, use all ranks' embeddings as negatives.
-        decoupled: leave the positive out of the denominator (DCL, Yeh et al. 2022, "Decoupled Contrastive
-            Learning"): ``b`` then runs over the negatives only. The plain loss's gradient is scaled down by
-            the positive's softmax share, which is large early in training and for small batches; removing it
-            learns faster per step.
-
-    Returns:
-        Scalar: the mean over the 2n local anchors of
-        ``-log exp(s(a, a+)/tau) / sum_{b != a} exp(s(a, b)/tau)`` with cosine similarity s,
-        where b runs over both views of all images in the (global) batch (``b != a, a+`` when decoupled).
-
-    Example:
-        >>> z0, z1 = torch.randn(8, 128), torch.randn(8, 128)
-        >>> loss = nt_xent(z0, z1, temperature=0.1)
-    """
-    n = z0.shape[0]
-    z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
-    rank = dist.get_rank() if gather and dist.is_available() and dist.is_initialized() else 0
-    a0, a1 = (gather_with_grad(z0), gather_with_grad(z1)) if gather else (z0, z1)
-    bank = torch.cat([a0, a1], dim=0)  # (2N, D): global view-0 embeddings, then view-1
-    anchors = torch.cat([z0, z1], dim=0)  # (2n, D)
-    logits = anchors @ bank.T / temperature  # (2n, 2N)
-    N = a0.shape[0]
-    local = torch.arange(n, device=z0.device) + rank * n  # global index of each local image
-    self_idx = torch.cat([local, local + N])  # where each anchor sits in the bank
-    pos_idx = torch.cat([local + N, local])  # its positive: the other view of the same image
-    logits = logits.float()
-    rows = torch.arange(2 * n, device=z0.device)
-    logits[rows, self_idx] = float("-inf")
-    if not decoupled:
-        return F.cross_entropy(logits, pos_idx)
-    pos = logits[rows, pos_idx]
-    logits[rows, pos_idx] = float("-inf")
-    return (torch.logsumexp(logits, dim=1) - pos).mean()
-
-
-class ProjectionHead(nn.Module):
-    """SimCLR v1 head: Linear -> BN -> ReLU -> Linear (-> BN optional), ``num_layers`` >= 2."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False):
-        super().__init__()
-        layers: list[nn.Module] = []
-        d = in_dim
-        for _ in range(num_layers - 1):
-            layers += [nn.Linear(d, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-            d = hidden_dim
-        layers.append(nn.Linear(d, out_dim, bias=not last_bn))
-        if last_bn:
-            layers.append(nn.BatchNorm1d(out_dim, affine=False))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+__all__ = ["ProjectionHead", "SimCLR", "SimCLRConfig", "gather_with_grad", "nt_xent"]
 
 
 @dataclass
@@ -106,7 +37,7 @@ class SimCLRConfig:
 @OBJECTIVES.register("simclr", config=SimCLRConfig, help="SimCLR: NT-Xent on two views with a projection head")
 class SimCLR(Objective):
     Config = SimCLRConfig
-    views = "pair"
+    views = Views(num_global=2)
 
     def __init__(self, encoder: Encoder, cfg: SimCLRConfig) -> None:
         super().__init__(encoder, cfg)

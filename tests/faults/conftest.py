@@ -3,7 +3,8 @@
 from dataclasses import dataclass, field
 
 from sslkit.objectives.simclr import SimCLR, SimCLRConfig
-from sslkit.registry import OBJECTIVES, load_all
+from sslkit.plugins import load_all
+from sslkit.registry import OBJECTIVES
 
 load_all()
 
