@@ -43,7 +43,7 @@ from memory_soak import tree_rss_gb  # benchmarks/ is on sys.path when run as a 
 from torch import nn
 
 from sslkit.config import resolve
-from sslkit.engine import _resolve_precision, build_objective, train
+from sslkit.engine import build_objective, resolve_precision, train
 from sslkit.plugins import load_all
 from sslkit.registry import DATASETS, ENCODERS
 
@@ -475,7 +475,7 @@ def main() -> int:
                 row += f" {'n/a' if b is None else f'{100 * b:.0f}%'} | {m.get('peak_gpu_gb', 0):.2f} |"
             lines.append(row)
     lines.append(f"\nmatmul peak measured: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s; "
-                 f"sslkit precision {'bf16-mixed' if cuda else _resolve_precision(resolve({}))} by default on this "
+                 f"sslkit precision {'bf16-mixed' if cuda else resolve_precision(resolve({}))} by default on this "
                  f"{'GPU' if cuda else 'machine'}.")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

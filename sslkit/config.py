@@ -86,7 +86,8 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     checkpoint_every_steps: int = 500  # also at every epoch end; 0 = only at epoch ends
     log_every_steps: int = 10
-    progress: bool = True
+    progress: bool = True  # progress in the terminal: a bar on a terminal, else a line every progress_every_seconds
+    progress_every_seconds: float = 30.0  # interval of progress lines (stderr when not a terminal, and train.log)
     threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
     skip_nonfinite_steps: int = 0  # tolerate this many NaN/Inf losses or gradients (update skipped), then stop
 
@@ -272,10 +273,14 @@ def _check_pipeline(cfg: DictConfig) -> None:
     if needs is not None:
         obj_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.config), cfg.objective)) \
             if entry.config else None
-        problem = needs(obj_cfg).problem(sizes)
+        views = needs(obj_cfg)
+        if not hasattr(views, "problem"):
+            raise ConfigError(f"objective '{cfg.objective.name}' declares its views as {views!r}; an objective's "
+                              "`views` must be a sslkit.objectives.base.Views, e.g. Views(num_global=2).")
+        problem = views.problem(sizes)
         if problem:
             raise ConfigError(f"objective '{cfg.objective.name}' {problem} (augment '{cfg.augment.name}'). Choose an "
-                              f"augmentation that makes {needs(obj_cfg)}, or change the augment section's view "
+                              f"augmentation that makes {views}, or change the augment section's view "
                               f"settings (e.g. num_views, num_local).")
     encoder = encoder_facts(cfg)
     patch = getattr(encoder, "patch_size", None)

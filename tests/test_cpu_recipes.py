@@ -74,13 +74,12 @@ def test_cpu_recipe_trains_through_the_engine(name, tmp_path):
 
 @pytest.mark.parametrize(("center", "whiten"), [(True, None), (False, None), (True, 8)])
 def test_pixel_baseline_follows_the_centring_choice(center, whiten):
-    """The engine's raw-pixel baseline is knn_classify on one channel of the flattened gray images, centred,
-    whitened or neither as the recipe says, with the plainer figures alongside."""
+    """The monitor's raw-pixel baseline (eval's pixel_knn) is knn_classify on one channel of the flattened gray
+    images: the headline centred or not as the recipe says, never whitened; the uncentred and whitened figures
+    beside it."""
     from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
-
-    from sslkit.engine import _pixel_knn
+    from sslkit.eval.baselines import pixel_knn
     from sslkit.eval.knn import knn_classify
 
     g = torch.Generator().manual_seed(0)
@@ -89,34 +88,35 @@ def test_pixel_baseline_follows_the_centring_choice(center, whiten):
     ds = SimpleNamespace(images=gray.expand(-1, 3, -1, -1), labels=labels)
     bank, queries = SimpleNamespace(images=ds.images[:60], labels=labels[:60]), SimpleNamespace(
         images=ds.images[60:], labels=labels[60:])
-    cfg = OmegaConf.create({"eval": {"knn_k": 5, "knn_temperature": 0.07, "knn_center": center,
-                                     "knn_whiten": whiten}})
-    out = _pixel_knn(cfg, bank, queries)
+    out = pixel_knn(bank, queries, k=5, temperature=0.07, center=center, whiten=whiten)
     flat = gray.float().flatten(1)
 
     def ref(c: bool, w: int | None = None) -> float:
         return knn_classify(flat[:60], labels[:60], flat[60:], labels[60:], k=5, center=c, whiten=w)["top1"]
 
-    assert out["pixels_top1"] == pytest.approx(ref(center, whiten))
+    assert out["pixels_top1"] == pytest.approx(ref(center))
     assert ("pixels_top1_uncentred" in out) == center
-    assert ("pixels_top1_centred" in out) == (whiten is not None)
+    assert ("pixels_top1_whitened" in out) == (whiten is not None)
     if center:
         assert out["pixels_top1_uncentred"] == pytest.approx(ref(False))
     if whiten:
-        assert out["pixels_top1_centred"] == pytest.approx(ref(True))
-    assert _pixel_knn(cfg, object(), object()) == {}  # datasets not held in memory: no baseline
+        assert out["pixels_top1_whitened"] == pytest.approx(ref(True, whiten))
+    assert pixel_knn(object(), object(), k=5) == {}  # datasets not held in memory: no baseline
 
 
 def test_final_knn_line_names_the_protocol_and_gives_the_plainer_figures():
-    """The line `make pretrain-*` ends with: the verdict against pixels under the recipe's protocol, then the
-    centred-only (when whitening) and uncentred figures of both sources."""
-    from sslkit.engine import _knn_line
+    """The line `make pretrain-*` ends with: the standard (centred) figure first, with the verdict against pixels
+    under the same protocol, then the uncentred (DINO's exact) and, when the recipe asks, whitened figures of both
+    sources, each labelled."""
+    from sslkit.engine.monitor import knn_line
 
-    r = {"k": 20, "bank": 60000, "queries": 10000, "top1": 92.1, "top1_centred": 89.7, "top1_uncentred": 89.1,
-         "pixels_top1": 88.8, "pixels_top1_centred": 86.1, "pixels_top1_uncentred": 84.6, "whiten": 512}
-    line = _knn_line(r)
-    assert "top-1 92.10%  vs raw pixels 88.80%  -> above the raw-pixel baseline" in line
-    assert "both PCA-whitened to 512 on the bank" in line
-    assert "centred only: 89.70%, pixels 86.10%" in line and "DINO's protocol: 89.10%, pixels 84.60%" in line
-    plain = _knn_line({**r, "whiten": None, "top1": 85.0, "pixels_top1": 86.1})
-    assert "BELOW the raw-pixel baseline" in plain and "both centred on the bank mean" in plain
+    r = {"k": 20, "bank": 60000, "queries": 10000, "top1": 89.7, "top1_whitened": 92.1, "top1_uncentred": 89.1,
+         "pixels_top1": 86.1, "pixels_top1_whitened": 88.8, "pixels_top1_uncentred": 84.6, "whiten": 512}
+    line = knn_line(r)
+    assert line.startswith("k-NN (k=20, 60000 bank, 10000 queries, centred on the bank mean): top-1 89.70%")
+    assert "top-1 89.70%  vs raw pixels 86.10%  -> above the raw-pixel baseline" in line
+    assert "PCA-whitened to 512 on the bank: 92.10%, pixels 88.80%" in line
+    assert "DINO's protocol: 89.10%, pixels 84.60%" in line
+    assert line.index("89.70%") < line.index("92.10%"), "the whitened figure never comes first"
+    plain = knn_line({**r, "top1": 85.0, "pixels_top1": 86.1})
+    assert "BELOW the raw-pixel baseline" in plain

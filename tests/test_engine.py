@@ -159,17 +159,17 @@ def test_time_budget_that_does_not_bind_keeps_the_epochs(tiny_recipe):
 
 
 def test_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
-    import sslkit.engine as eng
+    import sslkit.engine.precision as eng
 
     cfg = resolve({"trainer": {"accelerator": "cpu"}})
     for speedup, want in ((0.6, "32-true"), (1.1, "32-true"), (2.0, "bf16-mixed")):
         monkeypatch.delenv(eng.CPU_BF16_ENV, raising=False)
         monkeypatch.setattr(eng, "cpu_bf16_speedup", lambda s=speedup: s)
-        assert eng._resolve_precision(cfg) == want, speedup
+        assert eng.resolve_precision(cfg) == want, speedup
         assert eng.os.environ[eng.CPU_BF16_ENV] == ("1" if want == "bf16-mixed" else "0")  # DDP children agree
     monkeypatch.setenv(eng.CPU_BF16_ENV, "0")  # an explicit choice skips the probe
-    assert eng._resolve_precision(cfg) == "32-true"
-    assert eng._resolve_precision(resolve({"trainer": {"precision": "bf16-mixed"}})) == "bf16-mixed"
+    assert eng.resolve_precision(cfg) == "32-true"
+    assert eng.resolve_precision(resolve({"trainer": {"precision": "bf16-mixed"}})) == "bf16-mixed"
 
 
 def test_bf16_probe_measures_something():

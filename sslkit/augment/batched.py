@@ -57,8 +57,6 @@ from torchvision.transforms import InterpolationMode, v2
 from sslkit.augment.base import IMAGENET_MEAN, IMAGENET_STD, ViewPipeline
 from sslkit.registry import AUGMENTATIONS
 
-SUPPORTED = ("simclr", "multicrop", "mae")  # registered per-image pipelines with a batched twin
-
 UINT8_MAX = 255.0
 CROP_TRIES = 10  # attempts before the central-crop fallback (torchvision RandomResizedCrop.get_params)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's aspect-ratio range
@@ -751,7 +749,8 @@ def batched_pipeline(name: str, **kwargs) -> BatchedPipeline:
     place) and its torchvision transforms are translated into :class:`ViewSpec` s.
 
     Args:
-        name: "simclr", "multicrop" or "mae".
+        name: a registered per-image pipeline made of the transforms :func:`spec_from_transform` reads (simclr,
+            multicrop, mae, and a plug-in's own if it uses them); any other transform raises ValueError naming it.
         **kwargs: the recipe's ``augment`` section without ``name``.
 
     Example::
@@ -759,6 +758,4 @@ def batched_pipeline(name: str, **kwargs) -> BatchedPipeline:
         pipe = batched_pipeline("multicrop", image_size=32, local_size=16, num_local=4, preset="small")
         views = pipe(images, generator=torch.Generator().manual_seed(0))   # 2 x (B,3,32,32), 4 x (B,3,16,16)
     """
-    if name not in SUPPORTED:
-        raise ValueError(f"no batched pipeline {name!r}; supported: {', '.join(SUPPORTED)}")
     return BatchedPipeline.from_view_pipeline(AUGMENTATIONS.build(name, **kwargs))

@@ -245,3 +245,26 @@ def knn_protocols(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fe
             got = other if per_k else other[kk]
             row.update({f"top1_{name}": got["top1"], f"top5_{name}": got["top5"]})
     return main
+
+
+def headline_protocols(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                       test_labels: torch.Tensor, *, center: bool = True, whiten: int | None = None, **kw) -> dict:
+    """The k-NN figures a run reports, headline first.
+
+    ``top1`` / ``top5`` are the standard protocol: DINO's weighted vote on L2-normalised features centred on the
+    bank mean (``center=False``: DINO's exact, uncentred protocol). ``top1_uncentred`` / ``top5_uncentred`` stand
+    beside it when centring. ``whiten=d`` adds ``top1_whitened`` / ``top5_whitened``: PCA-whitened to ``d``
+    dimensions on the bank, a different protocol that is labelled as such and never the headline. ``kw`` goes
+    to :func:`knn_classify` and must give one ``k``; the result is flat.
+    """
+    if not isinstance(kw.get("k", DEFAULT_K), int | np.integer):
+        raise ValueError("headline_protocols takes one k")
+    args = (train_feats, train_labels, test_feats, test_labels)
+    out = dict(knn_classify(*args, center=center, **kw))
+    if center:
+        plain = knn_classify(*args, center=False, **kw)
+        out.update(top1_uncentred=plain["top1"], top5_uncentred=plain["top5"])
+    if whiten:
+        white = knn_classify(*args, center=True, whiten=whiten, **kw)
+        out.update(top1_whitened=white["top1"], top5_whitened=white["top5"])
+    return out

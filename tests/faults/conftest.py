@@ -20,7 +20,6 @@ class FaultySimCLRConfig(SimCLRConfig):
 
 class FaultySimCLR(SimCLR):
     Config = FaultySimCLRConfig
-    views = "pair"
 
     def forward(self, views, step=0):
         import torch.distributed as dist

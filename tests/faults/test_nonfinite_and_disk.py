@@ -40,7 +40,7 @@ def test_skip_nonfinite_steps_tolerates_then_stops(tiny_recipe):
 
 
 def test_disk_full_while_saving_keeps_last_good_checkpoint(tiny_recipe, monkeypatch):
-    import sslkit.engine as engine
+    import sslkit.engine.checkpoint as engine
 
     real = engine.atomic_write_bytes
     calls = {"n": 0}

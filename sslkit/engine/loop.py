@@ -1,0 +1,260 @@
+"""The training loop, shared by every objective, on Lightning Fabric.
+
+:func:`train` checks and builds what can fail on bad input before anything is written, then launches
+:func:`run_worker` in each process. :func:`train_one_epoch` is the loop itself and reads like the paper's
+pseudo-code: views, forward, backward, update, EMA. Everything else hangs off it: the time budget, progress,
+logs, checkpoints, the non-finite guard and the k-NN monitor are callbacks (:mod:`sslkit.engine.callbacks`), and
+the objective is driven through its interface (:class:`sslkit.objectives.base.Objective`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sslkit.config import ConfigError
+from sslkit.data.loader import ResumableBatchSampler, ViewDataset
+from sslkit.encoders import fused_attention_wanted, set_fused_attention
+from sslkit.engine.budget import TimeBudget
+from sslkit.engine.build import (
+    augment_backend,
+    batched_views,
+    build_objective,
+    build_optimizer,
+    build_pipeline,
+    clip_and_norm,
+)
+from sslkit.engine.callbacks import Callbacks, Checkpointer, MetricsLogger, NonFiniteGuard, Progress
+from sslkit.engine.checkpoint import load_checkpoint, set_rng_state
+from sslkit.engine.context import TrainContext
+from sslkit.engine.logs import MetricsLog, peak_rss_gb
+from sslkit.engine.monitor import KNNMonitor, knn_line
+from sslkit.engine.precision import make_fabric, resolve_precision
+from sslkit.engine.rundir import link_latest, new_run_dir
+from sslkit.engine.schedules import Schedules
+from sslkit.engine.state import TrainState
+from sslkit.plugins import load_all
+from sslkit.run import RunError, atomic_write_bytes, build_dataset, load_state_strict
+
+RUN_DIR_ENV = "SSLKIT_RUN_DIR"  # lets DDP children started by the launcher agree on the run directory
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    images_per_s: float
+    final_loss: float
+    peak_rss_gb: float
+    knn: dict[str, float] | None
+
+
+def train_one_epoch(ctx: TrainContext) -> None:
+    """One pass over the loader from the state's position, until the epoch ends or the run stops."""
+    s, objective, optimizer = ctx.state, ctx.objective, ctx.optimizer
+    ctx.sampler.set_epoch(s.epoch, s.batch_in_epoch)
+    t0 = time.perf_counter()
+    for batch, _labels in ctx.loader:
+        t_data = time.perf_counter()
+        views = ctx.views(batch)
+        ctx.schedules.apply(optimizer, s.step)
+        out = ctx.model(views, s.step)  # {"loss": ..., other scalars to log}
+        ctx.fabric.backward(out["loss"])
+        objective.on_after_backward(s.step)
+        grad_norm = clip_and_norm(ctx.fabric, ctx.cfg, ctx.model, optimizer, ctx.params)
+        # The step's one host-device sync: loss and gradient norm read together. A non-finite loss makes the
+        # (all-reduced) gradients non-finite on every rank, so all ranks agree to skip the update.
+        loss, norm = torch.stack([out["loss"].detach().float(), grad_norm.detach().float().to(out["loss"].device)]).tolist()
+        if ctx.any_rank(not (math.isfinite(loss) and math.isfinite(norm))):
+            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+            ctx.callbacks.on_bad_step(ctx, what, value)
+        else:
+            optimizer.step()
+            objective.on_step_end(s.step)  # EMA teachers, schedules
+        optimizer.zero_grad(set_to_none=True)
+        s.record_step(t0, t_data, time.perf_counter(), loss)
+        ctx.callbacks.on_step_end(ctx, out)
+        if s.step == s.stop_at_step or s.finished:
+            s.stopped_early = s.step == s.stop_at_step and not s.finished
+            return
+        t0 = time.perf_counter()
+
+
+def run_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict | None,  # noqa: ANN001
+               stop_at_step: int | None) -> TrainResult:
+    """One process of a run: set up, loop over epochs, finish."""
+    ctx = setup(fabric, cfg, dataset, pipeline, run_dir, ckpt, stop_at_step)
+    s = ctx.state
+    ctx.callbacks.on_train_start(ctx)
+    while not s.finished and not s.stopped_early:
+        train_one_epoch(ctx)
+        if s.epoch_done and not s.stopped_early:
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+            ctx.callbacks.on_epoch_end(ctx)
+    ctx.callbacks.on_train_end(ctx)
+    return finish(ctx)
+
+
+def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict | None,  # noqa: ANN001
+          stop_at_step: int | None) -> TrainContext:
+    """Objective, optimiser, data, schedules, state and callbacks for this process, restored from ``ckpt``."""
+    rank, world = fabric.global_rank, fabric.world_size
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    objective = build_objective(cfg)
+    sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, rank, world)
+    spe = sampler.batches_per_epoch
+    cap = cfg.trainer.max_steps or cfg.trainer.epochs * spe
+    fitted = (ckpt or {}).get("budget_total_steps")  # a resumed run continues the schedule it had fitted
+    budget = TimeBudget(cfg.trainer.time_budget_minutes, cfg.trainer.budget_calibration_steps, fitted) \
+        if cfg.trainer.time_budget_minutes else None
+    total = int(fitted) if budget is not None and fitted else cap
+    state = TrainState(steps_per_epoch=spe, cap_steps=cap, total_steps=total, global_batch=cfg.data.batch_size * world,
+                       world=world, stop_at_step=stop_at_step)
+    objective.setup_schedule(spe, total)
+
+    channels_last = bool(cfg.trainer.channels_last and getattr(objective.encoder, "is_cnn", False))
+    if channels_last:
+        objective = objective.to(memory_format=torch.channels_last)
+    if cfg.trainer.sync_batchnorm and world > 1:
+        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    fused = fused_attention_wanted(cfg.trainer.attention, fabric.device.type, resolve_precision(cfg).startswith("bf16"))
+    attention = ("fused" if fused else "math") if set_fused_attention(objective, fused) else None  # None: no ViT
+
+    schedules = Schedules(cfg, state.global_batch, spe, total)
+    optimizer = build_optimizer(cfg, objective, schedules.peak_lr)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if ckpt is not None:
+        load_state_strict(objective, ckpt["objective"], "checkpoint objective state")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state.step, state.epoch, state.batch_in_epoch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+        state.start_step, state.prior_seconds = state.step, float(ckpt.get("train_seconds", 0.0))
+        if int(ckpt["world_size"]) != world:
+            fabric.print(f"note: resuming a {ckpt['world_size']}-process run on {world} processes; the data order "
+                         "and RNG streams differ from the original from here on.")
+        elif "rng" in ckpt:
+            set_rng_state(ckpt["rng"][rank])
+    else:
+        torch.manual_seed(cfg.seed + rank)  # per-rank randomness (masks, dropout) for training
+
+    if fabric.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
+    forward_module = torch.compile(objective) if cfg.trainer.compile else objective
+    model, optimizer = fabric.setup(forward_module, optimizer, move_to_device=True)
+    batched = batched_views(cfg) if augment_backend(cfg, dataset) == "batched" else None
+    loader = torch.utils.data.DataLoader(
+        ViewDataset(dataset, None if batched else pipeline), batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0, pin_memory=fabric.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG out of worker seeding
+    )
+    callbacks = [c for c in (budget, Progress(cfg.trainer.progress_every_seconds, terminal=cfg.trainer.progress),
+                             MetricsLogger(), Checkpointer(cfg.trainer.checkpoint_every_steps),
+                             NonFiniteGuard(cfg.trainer.skip_nonfinite_steps), KNNMonitor()) if c is not None]
+    ctx = TrainContext(fabric, cfg, run_dir, objective, model, optimizer, params, loader, sampler, batched,
+                       channels_last, schedules, state, Callbacks(callbacks), attention=attention)
+
+    inner = getattr(dataset, "dataset", dataset)
+    if hasattr(inner, "bad_log"):
+        inner.bad_log = run_dir / "bad_files.txt"  # workers append the paths of unreadable files here
+    if ctx.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+        link_latest(run_dir, cfg.name)
+        ctx.logs = MetricsLog(run_dir, state.step if ckpt is not None else None)
+        ctx.print(f"run directory: {run_dir}  ({total} steps, {spe}/epoch, global batch {state.global_batch}, "
+                  f"lr {schedules.peak_lr:.3g}, precision {resolve_precision(cfg)}, {world} process(es), "
+                  f"{'batched' if batched else 'per-image'} augmentation{f', {attention} attention' if attention else ''})")
+    fabric.barrier()
+    return ctx
+
+
+def finish(ctx: TrainContext) -> TrainResult:
+    """Close the logs, write ``summary.json`` and say how the run went (rank 0)."""
+    s, knn = ctx.state, ctx.result.get("knn")
+    if ctx.logs is not None:
+        ctx.logs.close()
+        summary = ctx.summary()
+        bad_log = ctx.run_dir / "bad_files.txt"
+        if bad_log.is_file():
+            bad = sorted(set(bad_log.read_text().splitlines()))
+            summary["skipped_files"] = len(bad)
+            ctx.print(f"skipped {len(bad)} unreadable file(s) (listed in {bad_log}); first: {bad[:3]}")
+        atomic_write_bytes(ctx.run_dir / "summary.json", json_bytes(summary))
+        ctx.print(f"{'stopped' if s.stopped_early else 'finished'} at step {s.step}: {s.steady_images_per_s:.1f} "
+                  f"images/s, loss {s.last_loss:.4f}, peak memory {peak_rss_gb():.2f} GB")
+        if knn is not None:
+            ctx.print(knn_line(knn))
+    return TrainResult(ctx.run_dir, s.step, s.images_per_s, s.last_loss, peak_rss_gb(), knn)
+
+
+def json_bytes(obj: dict) -> bytes:
+    import json
+
+    return json.dumps(obj, indent=2).encode()
+
+
+def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step: int | None = None) -> TrainResult:
+    """Pretrain with the resolved recipe ``cfg``; returns where the run went and what it measured.
+
+    Args:
+        cfg: a recipe from :func:`sslkit.config.load_recipe` (already validated).
+        resume: a run directory (or its checkpoint) to continue; its ``config.yaml`` must match ``cfg``
+            except for ``trainer`` and ``eval`` settings.
+        stop_at_step: stop (after checkpointing) once this global step is reached, without changing the
+            schedules; used to test resumption and to split long jobs.
+    """
+    # Everything that can fail on bad input is built before anything is written.
+    load_all()
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    dataset = build_dataset(cfg, "train")
+    if cfg.data.subset:
+        from sslkit.data import subset_dataset
+
+        dataset = subset_dataset(dataset, cfg.data.subset, seed=cfg.seed)
+    pipeline = build_pipeline(cfg)
+    try:
+        build_objective(cfg)  # fail fast on encoder/objective arguments, before anything is written
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"recipe sections 'encoder'/'objective' ({cfg.encoder.name}, {cfg.objective.name}): "
+                          f"{e}") from None
+
+    ckpt = None
+    if resume is not None:
+        run_dir = Path(resume)
+        if run_dir.is_file():
+            run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+        ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+        ckpt = load_checkpoint(ckpt_path)
+        check_resume_config(cfg, OmegaConf.create(ckpt["config_yaml"]), ckpt_path)
+    else:
+        run_dir = Path(os.environ.get(RUN_DIR_ENV) or new_run_dir(cfg))
+
+    fabric = make_fabric(cfg)
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes the DDP launcher starts
+    try:
+        return fabric.launch(run_worker, cfg, dataset, pipeline, run_dir, ckpt, stop_at_step)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def check_resume_config(cfg: DictConfig, saved: DictConfig, path: Path) -> None:
+    """Only ``trainer.*``, ``eval.*``, ``data.num_workers`` and ``output_dir`` may differ from the run's recipe."""
+    a = OmegaConf.to_container(cfg, resolve=True)
+    b = OmegaConf.to_container(saved, resolve=True)
+    for d in (a, b):  # these change how fast the run goes, not what it computes
+        d.get("data", {}).pop("num_workers", None)
+        d.pop("output_dir", None)
+    diff = [k for k in set(a) | set(b) if k not in ("trainer", "eval") and a.get(k) != b.get(k)]
+    if diff:
+        raise RunError(f"cannot resume from {path}: the recipe differs from the run's in {sorted(diff)}. Resume "
+                       "with the run's own config.yaml (only trainer.*, eval.* and data.num_workers may change).")
