@@ -8,10 +8,10 @@ ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install data test test-slow test-faults lint pretrain-simclr pretrain-dino pretrain-dino-vit \
-        pretrain-mae knn linear-probe retrieval bench bench-throughput bench-tta clean
+        pretrain-mae pretrain-byol pretrain-vicreg pretrain-barlow pretrain-mocov3 pretrain-plugin knn linear-probe retrieval bench bench-throughput bench-tta clean
 
 help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
 
 install: data ## install sslkit with dev extras and the pinned torch/torchvision pair
 	$(PIP) install -c constraints.txt -e ".[dev]"
@@ -36,7 +36,7 @@ test-faults: ## fault-injection tests, slow ones included
 	$(PYTHON) -m pytest -q tests/faults $(ARGS)
 
 lint: ## ruff
-	$(PYTHON) -m ruff check sslkit tests benchmarks
+	$(PYTHON) -m ruff check sslkit tests benchmarks examples
 
 pretrain-simclr: ## SimCLR, narrow ResNet on Fashion-MNIST (2-core CPU default), then k-NN vs raw pixels
 	sslkit pretrain recipes/simclr_resnet_fmnist.yaml output_dir=$(RUNS) $(ARGS)
@@ -51,6 +51,21 @@ pretrain-dino-vit: ## DINO, 4-block ViT-Tiny on Fashion-MNIST, then its attentio
 pretrain-mae: ## MAE, ViT-Tiny on Fashion-MNIST (2-core CPU), then a reconstruction grid
 	sslkit pretrain recipes/mae_vit_tiny_fmnist.yaml output_dir=$(RUNS) $(ARGS)
 	sslkit viz reconstruct $(RUNS)/mae_vit_tiny_fmnist-latest
+
+pretrain-byol: ## BYOL, narrow ResNet on Fashion-MNIST (2-core CPU, 28 min), then k-NN vs raw pixels
+	sslkit pretrain recipes/byol_resnet_fmnist.yaml output_dir=$(RUNS) $(ARGS)
+
+pretrain-vicreg: ## VICReg, narrow ResNet on Fashion-MNIST (2-core CPU, 28 min), then k-NN vs raw pixels
+	sslkit pretrain recipes/vicreg_resnet_fmnist.yaml output_dir=$(RUNS) $(ARGS)
+
+pretrain-barlow: ## Barlow Twins, narrow ResNet on Fashion-MNIST (2-core CPU, 28 min), then k-NN vs raw pixels
+	sslkit pretrain recipes/barlow_twins_resnet_fmnist.yaml output_dir=$(RUNS) $(ARGS)
+
+pretrain-mocov3: ## MoCo v3, narrow ResNet on Fashion-MNIST (2-core CPU, 28 min), then k-NN vs raw pixels
+	sslkit pretrain recipes/moco_v3_resnet_fmnist.yaml output_dir=$(RUNS) $(ARGS)
+
+pretrain-plugin: ## the plug-in example: SimSiam from examples/, loaded through SSLKIT_PLUGINS (10 min)
+	SSLKIT_PLUGINS=simsiam_plugin PYTHONPATH=examples sslkit pretrain examples/simsiam_fmnist.yaml output_dir=$(RUNS) $(ARGS)
 
 knn: ## k-NN on frozen features of RUN (default: last DINO run)
 	sslkit eval knn $(RUN) $(ARGS)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sslkit.encoders import Encoder
+from sslkit.heads.momentum import MomentumTeacher
 
 
 @dataclass
@@ -87,9 +88,18 @@ class Objective(nn.Module):
     def on_after_backward(self, step: int) -> None:
         """Between backward and the optimiser step (e.g. cancel gradients of a frozen layer)."""
 
+    def students(self) -> dict[str, nn.Module]:
+        """The modules a momentum teacher (``self.teacher``, a :class:`~sslkit.heads.MomentumTeacher`) averages,
+        under the teacher's names for them; empty for objectives without one."""
+        return {}
+
     @torch.no_grad()
     def on_step_end(self, step: int) -> None:
-        """After the optimiser step (EMA updates, schedules)."""
+        """After the optimiser step: a momentum teacher takes its EMA step towards :meth:`students` with this
+        step's momentum. Override (and call super) for other per-step updates."""
+        teacher = getattr(self, "teacher", None)
+        if isinstance(teacher, MomentumTeacher):
+            teacher.update_from(self.students(), step, self.total_steps)
 
     def eval_encoder(self) -> Encoder:
         """The encoder evaluation should use (DINO: the teacher's)."""

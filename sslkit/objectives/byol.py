@@ -66,7 +66,3 @@ class BYOL(Objective):
         loss = byol_loss(p0, p1, z0, z1)
         m = self.teacher.momentum(step, self.total_steps)
         return {"loss": loss, "teacher_momentum": torch.tensor(m, device=loss.device)}
-
-    @torch.no_grad()
-    def on_step_end(self, step: int) -> None:
-        self.teacher.update_from(self.students(), step, self.total_steps)

@@ -212,11 +212,6 @@ class DINO(Objective):
             for p in self.head.last_layer.parameters():
                 p.grad = None
 
-    @torch.no_grad()
-    def on_step_end(self, step: int) -> None:
-        """teacher <- m * teacher + (1 - m) * student, with this step's momentum."""
-        self.teacher.update_from(self.students(), step, self.total_steps)
-
     def eval_encoder(self) -> Encoder:
         return self.teacher["encoder"]
 

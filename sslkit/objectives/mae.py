@@ -392,5 +392,10 @@ class MAE(Objective):
             pred = pred * std + mean  # (B, L, p*p*C)
         return unpatchify(pred, self.patch_size, grid), mask
 
+    def pixel_mask(self, mask: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
+        """A patch mask (B, L) from :meth:`reconstruct` as pixels: (B, 1, H, W), 1 where the patch was hidden."""
+        p, c = self.patch_size, imgs.shape[1]
+        return unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * c).float(), p, self.grid_of(imgs))[:, :1]
+
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"decoder.mask_token"}

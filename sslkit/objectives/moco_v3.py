@@ -71,7 +71,3 @@ class MoCoV3(Objective):
         loss = moco_v3_symmetric(q0, q1, k0, k1, self.cfg.temperature)
         m = self.teacher.momentum(step, self.total_steps)
         return {"loss": loss, "teacher_momentum": torch.tensor(m, device=loss.device)}
-
-    @torch.no_grad()
-    def on_step_end(self, step: int) -> None:
-        self.teacher.update_from(self.students(), step, self.total_steps)

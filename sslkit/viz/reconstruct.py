@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # heavy imports stay out of `sslkit --help`
     import torch
     from omegaconf import DictConfig
-
-    from sslkit.objectives.mae import MAE
+    from torch import nn
 
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 MASK_FILL = 0.5  # display value (grey) of the patches hidden from the encoder
@@ -39,18 +38,23 @@ INCHES_PER_PANEL = 1.6  # figure size per image panel
 DPI = 150
 
 
-def load_mae(run_dir: str | os.PathLike, map_location: str = "cpu") -> tuple[MAE, DictConfig]:
-    """Rebuild a run's MAE objective (encoder + decoder) from ``config.yaml`` and ``checkpoints/last.ckpt``."""
+def load_mae(run_dir: str | os.PathLike, map_location: str = "cpu") -> tuple[nn.Module, DictConfig]:
+    """Rebuild a run's objective (encoder + decoder) from ``config.yaml`` and ``checkpoints/last.ckpt``, through the
+    objective registry; it must reconstruct images (``reconstruct`` and ``pixel_mask``, as MAE does)."""
     import torch
     from omegaconf import OmegaConf
 
-    from sslkit.objectives.mae import MAE, MAEConfig
+    from sslkit.plugins import load_all
+    from sslkit.registry import OBJECTIVES
     from sslkit.run import RunError, build_encoder, load_state_strict, resolve_run_dir
 
     d = resolve_run_dir(run_dir)
     cfg = OmegaConf.load(d / "config.yaml")
-    if cfg.objective.name != "mae":
-        raise RunError(f"{d} was trained with objective {cfg.objective.name!r}; reconstructions need an MAE run.")
+    load_all()
+    entry = OBJECTIVES.get(cfg.objective.name)
+    if not (hasattr(entry.factory, "reconstruct") and hasattr(entry.factory, "pixel_mask")):
+        raise RunError(f"{d} was trained with objective {cfg.objective.name!r}, which does not reconstruct images; "
+                       "reconstructions need an MAE run.")
     ckpt_path = d / "checkpoints" / "last.ckpt"
     if not ckpt_path.is_file():
         raise RunError(f"{d} has no checkpoints/last.ckpt: the decoder is only saved in training checkpoints. "
@@ -58,8 +62,8 @@ def load_mae(run_dir: str | os.PathLike, map_location: str = "cpu") -> tuple[MAE
     ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
     if not isinstance(ckpt, dict) or "objective" not in ckpt:
         raise RunError(f"{ckpt_path} has no 'objective' state; is it an sslkit training checkpoint?")
-    mae_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MAEConfig), cfg.objective))
-    mae = MAE(build_encoder(cfg), mae_cfg)
+    mae_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.config), cfg.objective))
+    mae = entry.factory(encoder=build_encoder(cfg), cfg=mae_cfg)
     load_state_strict(mae, ckpt["objective"], str(ckpt_path))
     return mae.to(map_location).eval(), cfg
 
@@ -75,7 +79,7 @@ def _denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -
     return x.clamp(0, 1)
 
 
-def reconstruction_panels(mae: MAE, images: torch.Tensor, mask_ratio: float | None = None,
+def reconstruction_panels(mae: nn.Module, images: torch.Tensor, mask_ratio: float | None = None,
                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                           seed: int | None = 0) -> torch.Tensor:
     """The four panels of each image, ready to display.
@@ -93,7 +97,6 @@ def reconstruction_panels(mae: MAE, images: torch.Tensor, mask_ratio: float | No
     import torch
 
     from sslkit.augment.base import IMAGENET_MEAN, IMAGENET_STD
-    from sslkit.objectives.mae import unpatchify
 
     mean = IMAGENET_MEAN if mean is None else mean
     std = IMAGENET_STD if std is None else std
@@ -102,11 +105,7 @@ def reconstruction_panels(mae: MAE, images: torch.Tensor, mask_ratio: float | No
         if seed is not None:
             torch.manual_seed(seed)
         recon, mask = mae.reconstruct(images, mask_ratio)  # (N, C, H, W), (N, L)
-    p = mae.patch_size
-    grid = mae.grid_of(images)
-    C = images.shape[1]
-    # (N, L) -> (N, 1, H, W): 1 where the pixel belongs to a masked patch.
-    pixel_mask = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p * C).float(), p, grid)[:, :1]
+    pixel_mask = mae.pixel_mask(mask, images)  # (N, 1, H, W): 1 where the pixel belongs to a masked patch
     original = _denormalize(images, mean, std)  # (N, C, H, W)
     masked = original * (1 - pixel_mask) + MASK_FILL * pixel_mask
     reconstruction = _denormalize(recon, mean, std)

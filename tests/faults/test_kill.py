@@ -34,6 +34,8 @@ OBJECTIVES = {
     "dino": {"augment": {"name": "multicrop", "image_size": 32, "local_size": 16, "num_local": 2, "preset": "small"},
              "objective": {"name": "dino", "out_dim": 128, "head_hidden_dim": 64, "head_bottleneck_dim": 32,
                            "warmup_teacher_temp_epochs": 2, "freeze_last_layer": 1}},
+    "byol": {"augment": {"name": "multicrop", "image_size": 32, "num_local": 0, "preset": "small"},
+             "objective": {"name": "byol", "proj_hidden_dim": 64, "proj_out_dim": 32, "pred_hidden_dim": 64}},
     "mae": {"augment": {"name": "mae", "image_size": 32},
             "objective": {"name": "mae", "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}},
 }
