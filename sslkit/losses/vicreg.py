@@ -19,9 +19,9 @@ Under ``torch.distributed`` with ``gather=True``, v and c are computed on the gl
 :func:`~sslkit.losses.distributed.gather_with_grad`, so every rank holds the same global v and c. The
 invariance term stays local: it is a per-sample mean, so the mean of the ranks' local MSEs is the global MSE
 (equal local batch sizes), and DDP's division of the summed gradients by the world size turns each rank's
-``1/n`` into the global ``1/N``. Gathering it too would give the same numbers for two more all-gathers. So
-the mean over ranks of the returned loss, and DDP's averaged gradients, equal one process on the
-concatenated batch.
+``1/n`` into the global ``1/N`` (the official code and lightly also keep it local; computing it on the
+gathered batch would give the same numbers). So the mean over ranks of the returned loss, and DDP's averaged
+gradients, equal one process on the concatenated batch.
 
 Shapes: z0, z1 (n, D) local batch; the global batch N = world_size * n must be at least 2.
 

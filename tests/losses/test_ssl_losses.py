@@ -53,14 +53,14 @@ def _value_and_grads(fn, xs: list[torch.Tensor]) -> tuple[torch.Tensor, list[tor
     return out.detach(), list(grads)
 
 
-def _assert_same(fn, ref, xs: list[torch.Tensor], **tol) -> None:
-    tol = tol or TOL
+def _assert_same(fn, ref, xs: list[torch.Tensor]) -> None:
+    """Same value and same gradients w.r.t. the inputs that require grad, to float64 precision."""
     val, grads = _value_and_grads(fn, xs)
     ref_val, ref_grads = _value_and_grads(ref, xs)
     assert val.dtype == ref_val.dtype == torch.float64
-    torch.testing.assert_close(val, ref_val, **tol)
+    torch.testing.assert_close(val, ref_val, **TOL)
     for g, rg in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, rg, **tol)
+        torch.testing.assert_close(g, rg, **TOL)
 
 
 # ---------------------------------------------------------------------------------- against lightly
@@ -114,17 +114,20 @@ def _moco_v3_lightly(q: torch.Tensor, k: torch.Tensor, temperature: float) -> to
     return torch.stack(losses).mean() * (2 * temperature)
 
 
+MOCO_V3_REFERENCES = {"algorithm1": _moco_v3_algorithm1, "lightly_ntxent_bank": _moco_v3_lightly}
+
+
 @pytest.mark.parametrize("n,d", SHAPES)
 @pytest.mark.parametrize("temperature", TEMPERATURES)
-def test_moco_v3_matches_references(n, d, temperature):
+@pytest.mark.parametrize("reference", sorted(MOCO_V3_REFERENCES))
+def test_moco_v3_matches_references(n, d, temperature, reference):
+    ref = MOCO_V3_REFERENCES[reference]
     q, k = _inputs(n, d, 2)
     k = k.detach()
-    for ref in (_moco_v3_algorithm1, _moco_v3_lightly):
-        _assert_same(lambda a: moco_v3_loss(a, k, temperature), lambda a: ref(a, k, temperature), [q])
-    q0, q1, k0, k1 = _inputs(n, d, 4, seed=1)
-    _assert_same(lambda a, b: moco_v3_symmetric(a, b, k0.detach(), k1.detach(), temperature),
-                 lambda a, b: _moco_v3_algorithm1(a, k1, temperature) + _moco_v3_algorithm1(b, k0, temperature),
-                 [q0, q1])
+    _assert_same(lambda a: moco_v3_loss(a, k, temperature), lambda a: ref(a, k, temperature), [q])
+    q0, q1, k0, k1 = (t.detach() if i >= 2 else t for i, t in enumerate(_inputs(n, d, 4, seed=1)))
+    _assert_same(lambda a, b: moco_v3_symmetric(a, b, k0, k1, temperature),
+                 lambda a, b: ref(a, k1, temperature) + ref(b, k0, temperature), [q0, q1])
 
 
 def test_moco_v3_keys_get_no_gradient():
@@ -267,6 +270,8 @@ def _ddp_worker(rank: int, world: int, cases, x: torch.Tensor, weight: torch.Ten
                                for q, got, want in zip(QUANTITIES, results, expected, strict=True)}
     if rank == 0:
         torch.save(diffs, out_path)
+
+
 
 
 @pytest.fixture(scope="module")
