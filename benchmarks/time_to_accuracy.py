@@ -4,10 +4,14 @@ For every recipe it runs ``sslkit pretrain`` (a subprocess, so each run gets a f
 k-NN monitor on (``eval.knn_every``, on a 10k-image bank and 2k queries to keep it cheap), then evaluates the
 final encoder the reference way: weighted k-NN with k=20, T=0.07 on the full 60k train bank and the 10k test
 images, and a linear probe on the same frozen features. The baselines are raw pixels and a randomly initialised
-encoder of each recipe's architecture, on the same full splits. Every feature source, pixels included, is
-centred on the bank's mean before the L2 normalisation (raw pixels need it), or PCA-whitened on the bank where
-the recipe sets ``eval.knn_whiten``; the centred figure (``knn_top1_centred``) and the uncentred one (DINO's
-exact protocol, ``knn_top1_uncentred``) are kept in the JSON next to it.
+encoder of each recipe's architecture, on the same full splits. The k-NN figure (``knn_top1``) is the standard
+protocol, as ``summary.json``'s ``knn.top1``: every feature source, pixels included, centred on the bank's mean
+before the L2 normalisation (raw pixels need it). Beside it the JSON keeps the uncentred figure (DINO's exact
+protocol, ``knn_top1_uncentred``) and, where the recipe sets ``eval.knn_whiten``, the figure on features
+PCA-whitened on the bank (``knn_top1_whitened``, dimension ``knn_whiten``): another protocol, labelled as
+whitened in the table and the plot, never the headline. Results written before this rule (``knn_top1`` whitened
+where ``knn_whiten`` was set) are read in the new layout (:func:`upgrade`); the files themselves are left as
+they are.
 
 Outputs in ``--out``: ``time_to_accuracy.json`` (per recipe: pretraining minutes, images/s, the monitor curve,
 final k-NN and linear top-1; the baselines), ``time_to_accuracy.md`` (a table) and ``time_to_accuracy.png``
@@ -40,6 +44,7 @@ DEFAULT_RECIPES = ("simclr_resnet_fmnist", "dino_resnet_fmnist", "mae_vit_tiny_f
 K = 20
 MONITOR_BANK, MONITOR_QUERIES = 10_000, 2_000
 TARGETS = {"simclr": 90.0, "dino": 90.0}  # issue 8: k-NN top-1 targets (MAE: above raw pixels on a linear probe)
+HEADLINE = "centred"  # the protocol of every entry's knn_top1 (entries without this key may be older, see upgrade)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,48 +118,108 @@ def monitor_curve(run: Path) -> list[dict[str, float]]:
 
 
 def monitor_protocol(summary: dict[str, Any]) -> str:
-    """The monitor k-NN's protocol during training (``summary.json``; runs from before it was recorded centred)."""
-    p = summary.get("knn_protocol") or {"center": True, "whiten": None}
-    return _protocol_name(p.get("whiten"), p.get("center", True))
+    """The monitor k-NN's protocol during training, from ``summary.json``'s ``knn_protocol``.
+
+    The monitor scores the headline protocol only (centred, or uncentred with ``eval.knn_center: false``); a
+    recipe's whitening (``whitened_also``) is for the final evaluation. Runs from before that recorded ``whiten``,
+    under which their monitor was whitened; runs from before either were centred.
+    """
+    p = summary.get("knn_protocol") or {}
+    whiten = None if "whitened_also" in p else p.get("whiten")
+    return _protocol_name(whiten, p.get("center", True))
 
 
 def evaluate(run: Path, baseline: str, args: argparse.Namespace, linear: bool, whiten: int | None = None) -> dict[str, Any]:
     """Full-split k-NN (k=20) and, optionally, the linear probe of one feature source of ``run``.
 
-    ``knn_top1`` is under the recipe's protocol: centred, or PCA-whitened to ``whiten`` dimensions when the
-    recipe sets ``eval.knn_whiten``; ``knn_top1_centred`` (whitening only) and ``knn_top1_uncentred`` (DINO's
-    exact protocol) are the plainer ones.
+    ``knn_top1`` is the standard protocol (centred on the bank mean; ``knn_top1_centred`` repeats it), with
+    ``knn_top1_uncentred`` (DINO's exact protocol) and, for ``whiten=d``, ``knn_top1_whitened`` (PCA-whitened
+    to ``knn_whiten`` = d dimensions on the bank; None without) beside it.
     """
     from sslkit.eval.report import run_knn, run_linear
 
     opts = {"baseline": baseline, "train_subset": args.train_subset, "test_subset": args.test_subset}
     t0 = time.perf_counter()
-    knn = run_knn(run, k=K, whiten=whiten, plots=False, **opts)
+    knn = run_knn(run, k=K, whiten=whiten or None, plots=False, **opts)
     m = knn["metrics"][str(K)]
-    out = {"knn_top1": m["top1"], "knn_whiten": whiten, "knn_top1_centred": m.get("top1_centred", m["top1"]),
-           "knn_top1_uncentred": m.get("top1_uncentred"), "features": knn["features"]["source"],
+    out = {"knn_top1": m["top1"], "knn_headline": HEADLINE, "knn_top1_centred": m["top1"],
+           "knn_top1_uncentred": m.get("top1_uncentred"), "knn_whiten": whiten or None,
+           "knn_top1_whitened": m.get("top1_whitened"), "features": knn["features"]["source"],
            "bank": knn["features"]["splits"]["train"]["size"]}
     if linear:
         lin = run_linear(run, **opts)
         out["linear_top1"] = lin["metrics"]["top1"]
     out["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"[{run.name}] {baseline if baseline != 'none' else 'encoder'}: k-NN top-1 {out['knn_top1']:.2f}%"
-          + (f" (whitened to {whiten}; centred only {out['knn_top1_centred']:.2f}%)" if whiten else "")
+    print(f"[{run.name}] {baseline if baseline != 'none' else 'encoder'}: k-NN top-1 {out['knn_top1']:.2f}% centred"
+          + f" ({_pct(out['knn_top1_uncentred'])} uncentred"
+          + (f", {_pct(out['knn_top1_whitened'])} PCA-whitened to {whiten})" if whiten else ")")
           + (f", linear top-1 {out['linear_top1']:.2f}%" if "linear_top1" in out else "")
           + f" ({out['eval_seconds']} s)", flush=True)
     return out
 
 
-def pixel_knn(results: dict[str, Any], run: Path, args: argparse.Namespace, whiten: int | None) -> float:
-    """Raw pixels' k-NN top-1 under a recipe's protocol (centred, or whitened to ``whiten``), evaluated once per
-    protocol and kept in ``baselines.pixels`` (``knn_top1`` centred; ``knn_top1_whitened[str(d)]``)."""
-    px = results["baselines"]["pixels"]
-    if whiten is None:
-        return px["knn_top1"]
-    whitened = px.setdefault("knn_top1_whitened", {})
+def pixel_baseline(run: Path, args: argparse.Namespace, whiten: int | None) -> dict[str, Any]:
+    """Raw pixels' entry of ``baselines``: ``knn_top1`` centred, ``knn_top1_uncentred``, the linear probe, and
+    ``knn_top1_whitened`` as ``{str(d): top-1}`` (pixels are shared by recipes that may whiten to other d)."""
+    px = evaluate(run, "pixels", args, linear=not args.no_linear, whiten=whiten)
+    white, dim = px.pop("knn_top1_whitened"), px.pop("knn_whiten")
+    px["knn_top1_whitened"] = {str(dim): white} if white is not None else {}
+    return px
+
+
+def pixel_whitened(results: dict[str, Any], run: Path, args: argparse.Namespace, whiten: int) -> float:
+    """Raw pixels' k-NN top-1 PCA-whitened to ``whiten`` dimensions, evaluated once per dimension and kept in
+    ``baselines.pixels.knn_top1_whitened[str(whiten)]``."""
+    whitened = results["baselines"]["pixels"].setdefault("knn_top1_whitened", {})
     if str(whiten) not in whitened:
-        whitened[str(whiten)] = evaluate(run, "pixels", args, linear=False, whiten=whiten)["knn_top1"]
+        whitened[str(whiten)] = evaluate(run, "pixels", args, linear=False, whiten=whiten)["knn_top1_whitened"]
     return whitened[str(whiten)]
+
+
+def _upgrade_entry(e: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One evaluated entry in the current layout. Entries written before the headline rule carried the recipe's
+    protocol in ``knn_top1``: whitened when ``knn_whiten`` was set, with the centred figure in
+    ``knn_top1_centred``; the two are swapped into place here."""
+    if not e or "knn_headline" in e or "knn_top1" not in e:
+        return e
+    e = dict(e)
+    if e.get("knn_whiten"):
+        e["knn_top1_whitened"] = e["knn_top1"]
+        e["knn_top1"] = e.get("knn_top1_centred", float("nan"))
+        if "pixels_knn_top1" in e:  # the pixels under the recipe's (whitened) protocol
+            e["pixels_knn_top1_whitened"] = e.pop("pixels_knn_top1")
+    e["knn_top1_centred"] = e["knn_top1"]
+    e["knn_headline"] = HEADLINE
+    return e
+
+
+def upgrade(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` (as loaded from a JSON file, of any age) in the current layout: a new dict, ``results`` is not
+    modified. Old entries get the centred figure as ``knn_top1`` (see :func:`_upgrade_entry`), the pixels of the
+    same protocol, and their k-NN target judged again on it."""
+    out = {**results, "baselines": dict(results.get("baselines", {})), "recipes": {}}
+    px = out["baselines"].get("pixels")
+    for name, r in results.get("recipes", {}).items():
+        r = dict(r)
+        old = "knn_headline" not in r["final"]
+        r["final"] = _upgrade_entry(r["final"])
+        r["random"] = _upgrade_entry(r.get("random"))
+        if old and px:
+            r["final"].setdefault("pixels_knn_top1", px.get("knn_top1"))
+            if r["objective"] in TARGETS and "budget_minutes" in results:
+                r["target"] = target_check(r["objective"], r["final"], px, r["minutes"], results["budget_minutes"])
+        out["recipes"][name] = r
+    return out
+
+
+def _figure(f: dict[str, Any] | None, protocol: str) -> float | None:
+    """The top-1 of entry ``f`` under ``protocol`` ("centred", "uncentred", "whitened to d")."""
+    f = f or {}
+    if protocol == "uncentred":
+        return f.get("knn_top1_uncentred")
+    if protocol.startswith("whitened"):
+        return f.get("knn_top1_whitened") if protocol == _protocol_name(f.get("knn_whiten")) else None
+    return f.get("knn_top1")
 
 
 def plot(results: dict[str, Any], path: Path, budget: float) -> Path:
@@ -163,34 +228,36 @@ def plot(results: dict[str, Any], path: Path, budget: float) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = upgrade(results)
     fig, ax = plt.subplots(figsize=(8, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (name, r) in enumerate(results["recipes"].items()):
         c = colours[i % len(colours)]
         xs = [0.0] + [p["minutes"] for p in r["curve"]]
-        rnd = r.get("random") or {}
-        # The curve starts at the random encoder under the monitor's protocol (centred for runs trained before
-        # whitening was recorded), while the stars are the final evaluation's protocol.
-        same = rnd.get("knn_top1") if _protocol(rnd) == r.get("monitor_protocol", "centred") else None
-        start = same if same is not None else rnd.get("knn_top1_centred", rnd.get("knn_top1", float("nan")))
+        # The curve starts at the random encoder under the monitor's protocol (whitened for runs trained before
+        # the monitor kept to the headline protocol), else its centred figure.
+        monitor_p = r.get("monitor_protocol", "centred")
+        start = _figure(r.get("random"), monitor_p)
+        start = start if start is not None else (r.get("random") or {}).get("knn_top1", float("nan"))
         ys = [start] + [p["top1"] for p in r["curve"]]
         flag = " [INVALID: see JSON]" if r.get("invalid") else ""
-        monitor = f"monitor: {MONITOR_BANK // 1000}k bank, {r.get('monitor_protocol', 'centred')}"
+        monitor = f"monitor: {MONITOR_BANK // 1000}k bank, {monitor_p}"
         ax.plot(xs, ys, "o-", color=c, label=f"{r['objective']} ({name}){flag}, {monitor}")
         f = r["final"]
         ax.plot([r["minutes"]], [f["knn_top1"]], "*", color=c, markersize=14,
-                label=f"{r['objective']} final, full 60k bank, {_protocol(f)}: {f['knn_top1']:.1f}%")
-        if f.get("knn_whiten") and f.get("knn_top1_centred") is not None:
-            ax.plot([r["minutes"]], [f["knn_top1_centred"]], "*", color=c, markersize=14, markerfacecolor="none",
-                    label=f"{r['objective']} final, centred only: {f['knn_top1_centred']:.1f}%")
+                label=f"{r['objective']} final, full 60k bank, centred: {f['knn_top1']:.1f}%")
+        if f.get("knn_top1_whitened") is not None:
+            ax.plot([r["minutes"]], [f["knn_top1_whitened"]], "*", color=c, markersize=14, markerfacecolor="none",
+                    label=f"{r['objective']} final, PCA-whitened to {f.get('knn_whiten')} (not the headline): "
+                          f"{f['knn_top1_whitened']:.1f}%")
         if r.get("random"):
             ax.axhline(r["random"]["knn_top1"], color=c, linestyle=":", linewidth=1,
-                       label=f"random {r['encoder']}, {_protocol(r['random'])}: {r['random']['knn_top1']:.1f}%")
+                       label=f"random {r['encoder']}, centred: {r['random']['knn_top1']:.1f}%")
     px = results["baselines"].get("pixels")
     if px:
         ax.axhline(px["knn_top1"], color="black", linestyle="--", label=f"raw pixels, centred: {px['knn_top1']:.1f}%")
         for dim, v in px.get("knn_top1_whitened", {}).items():
-            ax.axhline(v, color="black", linestyle="-.", label=f"raw pixels, whitened to {dim}: {v:.1f}%")
+            ax.axhline(v, color="black", linestyle="-.", label=f"raw pixels, PCA-whitened to {dim}: {v:.1f}%")
     ax.axhline(90.0, color="grey", linestyle="-", linewidth=0.8, alpha=0.6, label="target 90%")
     ax.axvline(budget, color="red", linestyle="-", linewidth=0.8, alpha=0.5, label=f"budget {budget:g} min")
     ax.set_xlabel(f"minutes of pretraining ({results['machine']['cpus']} CPU cores)")
@@ -217,34 +284,39 @@ def _protocol_name(whiten: int | None, center: bool = True) -> str:
     return f"whitened to {whiten}" if whiten else ("centred" if center else "uncentred")
 
 
-def _protocol(f: dict[str, Any]) -> str:
-    """The protocol of one evaluated entry (``knn_whiten`` set or not; this script's evaluations centre)."""
-    return _protocol_name(f.get("knn_whiten"))
+def _whitened_cell(v: float | None, dim: Any) -> str:
+    return "n/a" if v is None else f"{v:.2f}% (to {dim})"
 
 
 def table(results: dict[str, Any]) -> str:
+    results = upgrade(results)
     px = results["baselines"].get("pixels", {})
     bank = px.get("bank")
     where = "the full 60k train bank and 10k test images" if bank in (None, 60000) else f"a {bank}-image bank"
-    whitened = ", ".join(f"{v:.2f}% whitened to {d}" for d, v in px.get("knn_top1_whitened", {}).items())
+    whitened = ", ".join(f"{v:.2f}% PCA-whitened to {d}" for d, v in px.get("knn_top1_whitened", {}).items())
     lines = [f"Fashion-MNIST, k-NN k={K} on {where}; linear probe on the same frozen features. The k-NN column is "
-             "each recipe's protocol: features centred on the bank mean, or PCA-whitened on the bank "
-             "(eval.knn_whiten, no labels used) and then L2-normalised; the pixels column is raw pixels under the "
-             "same protocol. The centred column is without whitening, and the uncentred one is DINO's exact "
-             f"protocol. Raw pixels: k-NN {px.get('knn_top1', float('nan')):.2f}% centred"
-             f"{', ' + whitened if whitened else ''} ({_pct(px.get('knn_top1_uncentred'))} uncentred), linear "
-             f"{px.get('linear_top1', float('nan')):.2f}%. Minutes are pretraining only.", "",
-             "| recipe | objective | encoder | CPU | pretraining min | epochs | images/s | k-NN top-1 | protocol "
-             "| pixels, same protocol | k-NN centred | k-NN uncentred | linear top-1 | random-init k-NN | target |",
+             "the standard protocol: DINO's weighted vote on features centred on the bank mean, then "
+             "L2-normalised; the pixels column is raw pixels under the same protocol, and the uncentred column is "
+             "DINO's exact protocol. The whitened columns are another protocol, for comparison only: features "
+             "PCA-whitened on the bank (eval.knn_whiten, no labels used) to the dimension in brackets. Raw pixels: "
+             f"k-NN {px.get('knn_top1', float('nan')):.2f}% centred ({_pct(px.get('knn_top1_uncentred'))} "
+             f"uncentred{', ' + whitened if whitened else ''}), linear {px.get('linear_top1', float('nan')):.2f}%. "
+             "Minutes are pretraining only.", "",
+             "| recipe | objective | encoder | CPU | pretraining min | epochs | images/s | k-NN top-1 (centred) "
+             "| pixels, centred | k-NN uncentred | k-NN PCA-whitened | pixels, PCA-whitened | linear top-1 "
+             "| random-init k-NN (centred) | target |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["recipes"].items():
         f = r["final"]
         target = r.get("target", {})
         ep = f"{r['epochs']:.1f}" if r.get("epochs") else "n/a"
+        dim = f.get("knn_whiten")
+        px_white = f.get("pixels_knn_top1_whitened", px.get("knn_top1_whitened", {}).get(str(dim)))
         lines.append(f"| {name} | {r['objective']} | {r['encoder']} | {r.get('cpu', 'n/a')} | {r['minutes']:.1f} | {ep} | "
                      f"{r['images_per_s']:.0f} | "
-                     f"{f['knn_top1']:.2f}% | {_protocol(f)} | {_pct(f.get('pixels_knn_top1', px.get('knn_top1')))} | "
-                     f"{_pct(f.get('knn_top1_centred', f['knn_top1']))} | {_pct(f.get('knn_top1_uncentred'))} | "
+                     f"{f['knn_top1']:.2f}% | {_pct(f.get('pixels_knn_top1', px.get('knn_top1')))} | "
+                     f"{_pct(f.get('knn_top1_uncentred'))} | {_whitened_cell(f.get('knn_top1_whitened'), dim)} | "
+                     f"{_whitened_cell(px_white if dim else None, dim)} | "
                      f"{_pct(f.get('linear_top1'))} | {_pct((r.get('random') or {}).get('knn_top1'))} | "
                      f"{target.get('text', '')}{' (' + r['invalid'] + ')' if r.get('invalid') else ''} |")
     return "\n".join(lines) + "\n"
@@ -252,18 +324,18 @@ def table(results: dict[str, Any]) -> str:
 
 def target_check(objective: str, final: dict[str, Any], pixels: dict[str, Any], minutes: float,
                  budget: float) -> dict[str, Any]:
-    """Issue 8's target for one recipe; the k-NN one on the recipe's protocol, with the centred figure's verdict
-    in the text too when the recipe whitens."""
+    """Issue 8's target for one recipe. The k-NN one is judged on the headline figure (centred, ``knn_top1``);
+    a whitened figure's verdict is added to the text, labelled, and never decides ``met``."""
     in_budget = minutes <= budget
     if objective in TARGETS:
         goal = TARGETS[objective]
         met = final["knn_top1"] >= goal and in_budget
-        text = f"k-NN ({_protocol(final)}) >= {goal:g}% in {budget:g} min: {'met' if met else 'missed'}"
-        if final.get("knn_whiten"):
-            centred = final.get("knn_top1_centred", float("nan"))
-            text += f"; centred only: {'met' if centred >= goal and in_budget else 'missed'}"
-            return {"met": bool(met), "met_centred": bool(centred >= goal and in_budget), "within_budget": in_budget,
-                    "text": text}
+        text = f"k-NN (centred) >= {goal:g}% in {budget:g} min: {'met' if met else 'missed'}"
+        white = final.get("knn_top1_whitened")
+        if white is not None:
+            met_white = white >= goal and in_budget
+            text += f"; PCA-whitened to {final.get('knn_whiten')}: {'met' if met_white else 'missed'}"
+            return {"met": bool(met), "met_whitened": bool(met_white), "within_budget": in_budget, "text": text}
     else:
         ref = pixels.get("linear_top1")
         got = final.get("linear_top1")
@@ -283,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         if not saved.is_file():
             raise SystemExit(f"--replot needs {saved}: run the benchmark first (without --replot)")
         results = json.loads(saved.read_text())
-        write(results, out, results["budget_minutes"])
+        write(results, out, results["budget_minutes"], json_too=False)  # the JSON stays as it was written
         print(table(results))
         return 0
     runs_root = out / "tta_runs"
@@ -300,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(previous.read_text())
         same = all(old.get(k) == results[k] for k in ("budget_minutes", "overrides", "eval_subsets"))
         if same:
+            old = upgrade(old)
             results["baselines"] = old.get("baselines", {})
             results["recipes"] = {k: v for k, v in old.get("recipes", {}).items() if k not in
                                   {recipe_path(n).stem for n in args.recipes}}
@@ -317,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         whiten = cfg.eval.get("knn_whiten")
         final = evaluate(run, "none", args, linear=not args.no_linear, whiten=whiten)
         if "knn_top1_uncentred" not in results["baselines"].get("pixels", {}):  # absent, or from before centring
-            results["baselines"]["pixels"] = evaluate(run, "pixels", args, linear=not args.no_linear)
-        final["pixels_knn_top1"] = pixel_knn(results, run, args, whiten)  # the same protocol as knn_top1
+            results["baselines"]["pixels"] = pixel_baseline(run, args, whiten)
+        final["pixels_knn_top1"] = results["baselines"]["pixels"]["knn_top1"]  # the same protocol as knn_top1
+        if whiten:
+            final["pixels_knn_top1_whitened"] = pixel_whitened(results, run, args, whiten)
         # Recipes sharing an encoder and protocol (SimCLR and DINO here) share the random-init baseline.
         enc_key = json.dumps([OmegaConf.to_container(cfg.encoder), OmegaConf.to_container(cfg.eval.encoder_args),
                               whiten], sort_keys=True)
@@ -338,13 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write(results: dict[str, Any], out: Path, budget: float) -> None:
+def write(results: dict[str, Any], out: Path, budget: float, json_too: bool = True) -> None:
     from sslkit.eval.report import write_results
 
-    write_results(out / "time_to_accuracy.json", results)
+    written = []
+    if json_too:
+        written.append(write_results(out / "time_to_accuracy.json", results))
     (out / "time_to_accuracy.md").write_text(table(results))
-    png = plot(results, out / "time_to_accuracy.png", budget)
-    print(f"wrote {out / 'time_to_accuracy.json'}, {out / 'time_to_accuracy.md'}, {png}", flush=True)
+    written += [out / "time_to_accuracy.md", plot(results, out / "time_to_accuracy.png", budget)]
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
 
 
 if __name__ == "__main__":

@@ -59,19 +59,24 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``knn``, ``linear``, ``retrieval`` and ``copy`` to ``subparsers`` (each sets ``func(args) -> int``)."""
     p = subparsers.add_parser("knn", help="weighted k-NN classification (DINO protocol)",
                               description="Temperature-weighted k-NN of the eval split against the train split "
-                                          "(DINO eval_knn: cosine, top-k neighbours vote with exp(sim/T)).")
+                                          "(DINO eval_knn: cosine, top-k neighbours vote with exp(sim/T)). The "
+                                          "main figures (top1 / top5) are the standard protocol: features centred "
+                                          "on the bank mean, then L2-normalised; DINO's uncentred figures "
+                                          "(top1_uncentred) and, when asked, PCA-whitened ones (top1_whitened) "
+                                          "are given beside them.")
     _common(p)
     _plots(p)
     p.add_argument("--k", type=int, nargs="+", default=list(knn_mod.DEFAULT_KS), help="neighbours (several allowed)")
     p.add_argument("--temperature", type=float, default=knn_mod.DEFAULT_TEMPERATURE,
                    help="vote temperature T (DINO: 0.07)")
     p.add_argument("--no-center", action="store_true",
-                   help="do not subtract the bank's mean feature before normalising (DINO's exact protocol; the "
-                        "default centres every feature source, as raw pixels need)")
+                   help="main figures without subtracting the bank's mean feature (DINO's exact protocol). By "
+                        "default top1 / top5 are centred, as raw pixels need, with the uncentred figures beside")
     p.add_argument("--whiten", type=int, default=None, metavar="D",
-                   help="PCA-whiten the features to D dimensions learned on the bank, without labels (Jegou & Chum "
-                        "2012), before normalising; the centred and uncentred figures are given too. Default: the "
-                        "run's eval.knn_whiten (the CPU recipes: 512), off with --no-center; 0 = off")
+                   help="also give top1_whitened / top5_whitened: features PCA-whitened to D dimensions learned on "
+                        "the bank, without labels (Jegou & Chum 2012), then L2-normalised. A different protocol, "
+                        "reported beside the main top1 / top5 and never in their place. Default: the run's "
+                        "eval.knn_whiten (the CPU recipes: 512); 0 = none")
     p.set_defaults(func=cmd_knn)
 
     p = subparsers.add_parser("linear", help="linear probe on frozen features",
@@ -153,7 +158,8 @@ def format_table(columns: dict[str, dict[str, Any]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-def _run(kind: str, args: argparse.Namespace, kw: dict[str, Any]) -> int:
+def _run(kind: str, args: argparse.Namespace, kw: dict[str, Any],
+         legend: Callable[[dict[str, Any]], str] | None = None) -> int:
     from sslkit.data.base import DataError
     from sslkit.eval.report import RUNNERS, EvalError
     from sslkit.registry import RegistryError
@@ -162,25 +168,42 @@ def _run(kind: str, args: argparse.Namespace, kw: dict[str, Any]) -> int:
     baselines = ["none", "pixels", "random"] if args.baseline == "all" else [args.baseline]
     columns: dict[str, dict[str, Any]] = {}
     paths: list[str] = []
+    settings: dict[str, Any] = {}
     try:
         for b in baselines:
             res = RUNNERS[kind](args.run, baseline=b, **kw, **_opts(args))
             columns["encoder" if b == "none" else b] = flatten_metrics(res["metrics"])
             paths.append(res["results_path"])
+            settings = res.get("settings", {})
     except (RunError, DataError, EvalError, RegistryError, retrieval_mod.IndexSpecError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(format_table(columns))
+    if legend is not None:
+        print(legend(settings))
     for p in paths:
         print(f"results: {p}")
     return 0
 
 
+def knn_legend(settings: dict[str, Any]) -> str:
+    """What the k-NN table's rows mean: which protocol is the main figure, and which ones stand beside it."""
+    if settings.get("center", True):
+        parts = ["top1/top5: centred on the bank mean (the standard protocol; *_centred: the same)",
+                 "*_uncentred: DINO's exact protocol"]
+    else:
+        parts = ["top1/top5: uncentred (DINO's exact protocol)"]
+    if settings.get("whitened_also"):
+        parts.append(f"*_whitened: PCA-whitened to {settings['whitened_also']} on the bank (another protocol, "
+                     "not the main figure)")
+    return "; ".join(parts)
+
+
 def cmd_knn(args: argparse.Namespace) -> int:
-    # --no-center alone asks for DINO's exact protocol, so it turns a recipe's whitening off too.
-    whiten = ("recipe" if not args.no_center else 0) if args.whiten is None else args.whiten
+    # The main figures never depend on whitening: --whiten / eval.knn_whiten only add *_whitened beside them.
+    whiten = "recipe" if args.whiten is None else args.whiten
     return _run("knn", args, {"k": args.k, "temperature": args.temperature, "center": not args.no_center,
-                              "whiten": whiten, "plots": not args.no_plots})
+                              "whiten": whiten, "plots": not args.no_plots}, legend=knn_legend)
 
 
 def cmd_linear(args: argparse.Namespace) -> int:

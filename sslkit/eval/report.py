@@ -263,10 +263,24 @@ def append_report_row(report: Path, cells: Sequence[str]) -> None:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def summarize(kind: str, metrics: dict) -> str:
-    """A one-line summary of an evaluation's main numbers (for tables)."""
+def _knn_summary(metrics: dict, settings: dict) -> str:
+    """k-NN: the headline top-1 / top-5 per ``k``, then the other protocols' top-1, each labelled."""
+    centred = settings.get("center", True)
+    whiten = settings.get("whitened_also")
+    others = [("top1_uncentred", "uncentred")] if centred else []
+    others.append(("top1_whitened", f"PCA-whitened ({whiten} dims)" if whiten else "PCA-whitened"))
+    parts = []
+    for k, m in metrics.items():
+        extra = ", ".join(f"{label} {m[key]:.2f}" for key, label in others if key in m)
+        parts.append(f"k={k}: {m['top1']:.2f} / {m['top5']:.2f}" + (f" ({extra})" if extra else ""))
+    headline = "centred on the bank mean" if centred else "uncentred, DINO's protocol"
+    return "; ".join(parts) + f" (top-1 / top-5 {headline}; in brackets: top-1 under other protocols)"
+
+
+def summarize(kind: str, metrics: dict, settings: dict | None = None) -> str:
+    """A one-line summary of an evaluation's main numbers (for tables); ``settings`` labels k-NN's protocols."""
     if kind == "knn":
-        return "; ".join(f"k={k}: {m['top1']:.2f} / {m['top5']:.2f}" for k, m in metrics.items()) + " (top-1 / top-5)"
+        return _knn_summary(metrics, settings or {})
     if kind == "linear":
         best = metrics.get("best", {})
         pick = f" (lr {best['lr']:g}, wd {best['weight_decay']:g})" if best else ""
@@ -302,7 +316,7 @@ def _finish(ctx: EvalContext, kind: str, metrics: dict, settings: dict, sets: di
     path = write_results(out / RESULTS_NAME, payload)
     sizes = " / ".join(f"{name} {len(fs.labels)}" for name, fs in sets.items())
     cells = [payload["created"].replace("T", " "), kind, ctx.baseline if ctx.baseline != "none" else "encoder",
-             f"{ctx.cfg.data.name} {sizes}", summarize(kind, metrics), f"{total:.1f} s",
+             f"{ctx.cfg.data.name} {sizes}", summarize(kind, metrics, settings), f"{total:.1f} s",
              f"[results]({path.relative_to(ctx.run_dir / 'eval')})"]
     append_report_row(ctx.run_dir / "eval" / REPORT_NAME, cells)
     return {**payload, "results_path": str(path)}
@@ -338,14 +352,19 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
             **opts: Any) -> dict:
     """Weighted k-NN (DINO) of the eval split against the train split; see :func:`load_context` for ``opts``.
 
-    ``center`` (default on) subtracts the bank's mean feature before the L2 normalisation, for every feature
-    source alike (raw pixels need it; see :mod:`sslkit.eval.knn`). With it on, each ``k`` also carries
-    ``top1_uncentred`` and ``top5_uncentred``: DINO's exact protocol, without centring. ``whiten=d`` PCA-whitens
-    to ``d`` dimensions learned on the bank; the main figures are then the whitened ones, and ``top1_centred`` /
-    ``top5_centred`` and the uncentred ones are given next to them. ``"recipe"`` (the default) takes the run's
-    ``eval.knn_whiten``, so the figure matches the one training printed; ``None`` or 0 is off.
+    The main figures, ``top1`` / ``top5`` of each ``k``, are the standard protocol
+    (:func:`sslkit.eval.knn.headline_protocols`, as the training run's final k-NN): DINO's weighted vote on
+    features centred on the bank's mean, then L2-normalised, for every feature source alike (raw pixels need the
+    centring). ``top1_centred`` / ``top5_centred`` repeat them under an explicit name, and ``top1_uncentred`` /
+    ``top5_uncentred`` (DINO's exact protocol) stand beside them. ``center=False`` makes the uncentred figures
+    the main ones (and gives no ``*_centred`` / ``*_uncentred`` keys).
 
-    Returns the results payload; ``metrics`` maps each ``k`` (as a string) to ``{"top1", "top5"}`` (%).
+    ``whiten=d`` adds ``top1_whitened`` / ``top5_whitened``: features PCA-whitened to ``d`` dimensions learned on
+    the bank (no labels). That is a different protocol, given beside the main figures and never in place of
+    them. ``"recipe"`` (the default) takes the run's ``eval.knn_whiten``; ``None`` or 0 adds none.
+
+    Returns the results payload; ``metrics`` maps each ``k`` (as a string) to ``{"top1", "top5", ...}`` (%), and
+    ``settings["whitened_also"]`` is the whitening dimension of the ``*_whitened`` figures (None without).
     """
     t0 = time.perf_counter()
     if whiten != "recipe":
@@ -357,25 +376,35 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
     train, test = ctx.features("train"), ctx.features(ctx.eval_split)
     num_classes = _num_classes(ctx, train.labels, test.labels)
 
-    # Raw features in: knn_protocols centres / whitens and normalises, pixels included.
-    res, t_eval = _timed(lambda: knn_mod.knn_protocols(
-        train.features, train.labels, test.features, test.labels, k=ks, temperature=temperature,
-        num_classes=num_classes, center=center, whiten=whiten))
-    metrics = {str(kk): dict(v) for kk, v in res.items()}
+    def figures() -> dict[str, dict[str, float]]:
+        # Raw features in: headline_protocols centres / whitens and normalises, pixels included. One k per call.
+        out = {}
+        for kk in ks:
+            res = knn_mod.headline_protocols(train.features, train.labels, test.features, test.labels, k=kk,
+                                             temperature=temperature, num_classes=num_classes, center=center,
+                                             whiten=whiten)
+            row = {"top1": res["top1"], "top5": res["top5"]}
+            if center:
+                row.update(top1_centred=res["top1"], top5_centred=res["top5"])
+            row.update({key: v for key, v in res.items() if key not in row})  # *_uncentred, then *_whitened
+            out[str(kk)] = row
+        return out
+
+    metrics, t_eval = _timed(figures)
     pics: list[Path] = []
     if plots:
         from sslkit.eval.plots import embedding_plot
 
         out = eval_dir(ctx.run_dir, "knn", ctx.baseline)
-        # The picture follows the k-NN's protocol: centred on the bank mean when the k-NN was.
+        # The picture follows the main figures' protocol: centred on the bank mean when they are.
         te_f = knn_mod.center_on(train.features, test.features)[1] if center else test.features
         pics.append(embedding_plot(te_f, test.labels, out / "embedding_tsne.png",
                                    class_names=getattr(ctx.dataset(ctx.eval_split), "classes", None),
                                    max_points=max_plot_points, seed=ctx.seed,
                                    title=f"t-SNE of {ctx.eval_split} features: {ctx.source}"))
-    settings = {"k": ks, "temperature": temperature, "metric": "cosine", "center": center, "whiten": whiten,
-                "index": "Flat (exact)",
-                "faiss_gpu": knn_mod.faiss_gpu_available()}
+    settings = {"k": ks, "temperature": temperature, "metric": "cosine", "center": center,
+                "headline": "centred on the bank mean" if center else "uncentred (DINO's protocol)",
+                "whitened_also": whiten, "index": "Flat (exact)", "faiss_gpu": knn_mod.faiss_gpu_available()}
     return _finish(ctx, "knn", metrics, settings, {"train": train, ctx.eval_split: test}, t0, t_eval, pics)
 
 

@@ -37,6 +37,9 @@ def test_library_evaluations_write_results(run_dir):
     knn = run_knn(run_dir, k=[5, 20], progress=False, max_plot_points=40)
     data = _read(knn)
     assert set(data["metrics"]) == {"5", "20"} and 0 <= data["metrics"]["20"]["top1"] <= 100
+    m = data["metrics"]["20"]  # the standard protocol, with DINO's uncentred figure beside; no whitening asked
+    assert m["top1_centred"] == m["top1"] and 0 <= m["top1_uncentred"] <= 100 and "top1_whitened" not in m
+    assert data["settings"]["center"] is True and data["settings"]["whitened_also"] is None
     assert data["features"]["splits"]["train"]["size"] == 64 and data["features"]["image_size"] == 32
     assert len(data["features"]["encoder_hash"]) == 64
     assert (run_dir / "eval" / "knn" / "embedding_tsne.png").is_file()
@@ -147,21 +150,55 @@ def test_eval_encoder_args_change_the_features_not_the_weights(tmp_path):
     assert b["features"]["splits"]["train"]["dim"] == 256
 
 
+def _copy_run(run_dir, dest, **eval_overrides):
+    """A copy of ``run_dir`` (weights and config) with ``eval.<key>`` overrides in its recipe."""
+    dest.mkdir()
+    (dest / "encoder.safetensors").write_bytes((run_dir / "encoder.safetensors").read_bytes())
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    for key, value in eval_overrides.items():
+        cfg.eval[key] = value
+    OmegaConf.save(cfg, dest / "config.yaml")
+    return dest
+
+
 def test_knn_whitening_from_the_cli_and_from_the_recipe(run_dir, tmp_path, capsys):
-    """`--whiten D` gives knn_classify(whiten=D) as the main figure with the centred one next to it; without the
-    flag the run's eval.knn_whiten decides, so `sslkit eval knn` repeats what training printed; --whiten 0 is off."""
+    """The main top1 / top5 are always the standard protocol (centred; uncentred with --no-center). `--whiten D`
+    and a recipe's eval.knn_whiten only ADD top1_whitened / top5_whitened = knn_classify(whiten=D) beside them;
+    `--whiten 0` adds none. A whitened figure must never become top1 again."""
     from sslkit.eval.knn import knn_classify
     from sslkit.eval.report import load_context
 
     ctx = load_context(run_dir, progress=False)
     tr, te = ctx.features("train"), ctx.features(ctx.eval_split)
-    ref = {w: knn_classify(tr.features, tr.labels, te.features, te.labels, k=5, center=True, whiten=w)["top1"]
-           for w in (8, None)}
+    ref = {name: knn_classify(tr.features, tr.labels, te.features, te.labels, k=5, **kw)
+           for name, kw in (("centred", {"center": True}), ("uncentred", {"center": False}),
+                            ("whitened", {"center": True, "whiten": 8}))}
+    # The three protocols give three different figures here, so the checks below can tell them apart.
+    assert len({r["top1"] for r in ref.values()}) == 3
+
+    def check_standard(m, whitened: bool) -> None:
+        assert m["top1"] == pytest.approx(ref["centred"]["top1"]) and m["top5"] == pytest.approx(ref["centred"]["top5"])
+        assert m["top1"] != pytest.approx(ref["whitened"]["top1"])  # not the whitened figure as headline
+        assert m["top1_centred"] == pytest.approx(ref["centred"]["top1"])
+        assert m["top1_uncentred"] == pytest.approx(ref["uncentred"]["top1"])
+        assert m["top5_uncentred"] == pytest.approx(ref["uncentred"]["top5"])
+        if whitened:
+            assert m["top1_whitened"] == pytest.approx(ref["whitened"]["top1"])
+            assert m["top5_whitened"] == pytest.approx(ref["whitened"]["top5"])
+        else:
+            assert "top1_whitened" not in m and "top5_whitened" not in m
+
     assert cli.main(["knn", str(run_dir), "--k", "5", "--whiten", "8", "--no-plots", "--no-progress"]) == 0
+    out = capsys.readouterr().out
     data = json.loads((run_dir / "eval" / "knn" / "results.json").read_text())
-    assert data["settings"]["whiten"] == 8 and data["metrics"]["5"]["top1"] == pytest.approx(ref[8])
-    assert data["metrics"]["5"]["top1_centred"] == pytest.approx(ref[None])
-    capsys.readouterr()
+    check_standard(data["metrics"]["5"], whitened=True)
+    assert data["settings"]["whitened_also"] == 8 and data["settings"]["center"] is True
+    assert "whiten" not in data["settings"]  # the old key named the main figures' protocol
+    assert "5/top1_whitened" in out and "PCA-whitened to 8" in out and "centred on the bank mean" in out
+    row = (run_dir / "eval" / "report.md").read_text().splitlines()[-1]
+    assert f"k=5: {ref['centred']['top1']:.2f} / {ref['centred']['top5']:.2f}" in row
+    assert f"PCA-whitened (8 dims) {ref['whitened']['top1']:.2f}" in row and "centred on the bank mean" in row
+    assert f"uncentred {ref['uncentred']['top1']:.2f}" in row
     assert cli.main(["knn", str(run_dir), "--whiten", "-1", "--no-progress"]) == cli.EXIT_USAGE
     assert "--whiten" in capsys.readouterr().err
     assert cli.main(["copy", str(run_dir), "--num-queries", "8", "--whiten", "-1", "--no-progress"]) == cli.EXIT_USAGE
@@ -169,16 +206,42 @@ def test_knn_whitening_from_the_cli_and_from_the_recipe(run_dir, tmp_path, capsy
     assert cli.main(["copy", str(run_dir), "--num-queries", "8", "--whiten", "4", "--no-plots", "--no-progress"]) == 0
     assert "plain/map" in capsys.readouterr().out
 
-    whitened = tmp_path / "whitened-run"
-    whitened.mkdir()
-    (whitened / "encoder.safetensors").write_bytes((run_dir / "encoder.safetensors").read_bytes())
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    cfg.eval.knn_whiten = 8
-    OmegaConf.save(cfg, whitened / "config.yaml")
+    # The recipe's eval.knn_whiten adds the whitened figure by default, as training's final k-NN does.
+    whitened = _copy_run(run_dir, tmp_path / "whitened-run", knn_whiten=8)
     by_recipe = run_knn(whitened, k=5, plots=False, progress=False)
-    assert by_recipe["settings"]["whiten"] == 8 and by_recipe["metrics"]["5"]["top1"] == pytest.approx(ref[8])
+    check_standard(by_recipe["metrics"]["5"], whitened=True)
+    assert by_recipe["settings"]["whitened_also"] == 8
     off = run_knn(whitened, k=5, whiten=0, plots=False, progress=False)
-    assert off["settings"]["whiten"] is None and off["metrics"]["5"]["top1"] == pytest.approx(ref[None])
+    check_standard(off["metrics"]["5"], whitened=False)
+    assert off["settings"]["whitened_also"] is None
+    assert cli.main(["knn", str(whitened), "--k", "5", "--whiten", "0", "--no-plots", "--no-progress"]) == 0
+    check_standard(json.loads((whitened / "eval" / "knn" / "results.json").read_text())["metrics"]["5"], False)
+    assert "_whitened" not in capsys.readouterr().out
+
+    # --no-center: DINO's exact protocol is the main figure; the recipe's whitened one still stands beside it.
     assert cli.main(["knn", str(whitened), "--k", "5", "--no-center", "--no-plots", "--no-progress"]) == 0
     dino = json.loads((whitened / "eval" / "knn" / "results.json").read_text())
-    assert dino["settings"]["whiten"] is None and dino["settings"]["center"] is False
+    m = dino["metrics"]["5"]
+    assert dino["settings"]["center"] is False and dino["settings"]["whitened_also"] == 8
+    assert m["top1"] == pytest.approx(ref["uncentred"]["top1"]) and m["top5"] == pytest.approx(ref["uncentred"]["top5"])
+    assert m["top1_whitened"] == pytest.approx(ref["whitened"]["top1"])
+    assert "top1_centred" not in m and "top1_uncentred" not in m
+    assert "uncentred (DINO's exact protocol)" in capsys.readouterr().out
+
+
+def test_knn_headline_matches_the_training_runs_final_knn(run_dir, tmp_path):
+    """`sslkit eval knn` and the training run's final k-NN (sslkit.engine.monitor) report the same figures under
+    the same keys, for a recipe that whitens: both follow sslkit.eval.knn.headline_protocols."""
+    from sslkit.eval.knn import headline_protocols
+    from sslkit.eval.report import load_context
+
+    whitened = _copy_run(run_dir, tmp_path / "whitened-run", knn_whiten=8)
+    ctx = load_context(whitened, progress=False)
+    tr, te = ctx.features("train"), ctx.features(ctx.eval_split)
+    res = run_knn(whitened, k=[5, 20], plots=False, progress=False)
+    for k in (5, 20):
+        want = headline_protocols(tr.features, tr.labels, te.features, te.labels, k=k, whiten=8)
+        got = res["metrics"][str(k)]
+        assert set(want) <= set(got) and set(got) - set(want) == {"top1_centred", "top5_centred"}
+        assert all(got[key] == pytest.approx(v) for key, v in want.items())
+        assert got["top1_centred"] == got["top1"] and got["top5_centred"] == got["top5"]
