@@ -1,7 +1,8 @@
 """Training throughput: sslkit's pipeline against lightly's reference pipeline, in one process.
 
-For each objective (SimCLR with the CIFAR ResNet-18, DINO with 2+6 multi-crop, MAE with a small ViT) on
-Fashion-MNIST at 32 px, two pipelines run alternately on the identical backbone, batch and data:
+For each objective (SimCLR with the CIFAR ResNet-18, DINO with 2+6 multi-crop, MAE with a small ViT, BYOL with
+the CIFAR ResNet-18 and 4096/256 projector and predictor) on Fashion-MNIST at 32 px, two pipelines run alternately
+on the identical backbone, heads, batch and data:
 
 - reference: lightly's transforms in a DataLoader over PIL images, lightly's heads and loss, and the plain
   loop of lightly's examples (fp32, NCHW, one forward per crop);
@@ -21,7 +22,7 @@ views there (``sslkit.augment.batched``) under bf16 autocast. The GPU figures ad
 in which the GPU was busy (NVML's utilisation counter, sampled every 20 ms) and the MFU against a bf16 matmul
 measured on the same GPU; results go to ``throughput_cuda.{json,md}``.
 
-    python benchmarks/throughput.py --out bench_out            # all three, about 10-15 minutes on 2 cores
+    python benchmarks/throughput.py --out bench_out            # all four, about 15-20 minutes on 2 cores
     python benchmarks/throughput.py --objectives simclr --steps 6
     python benchmarks/throughput.py --device cuda --out bench_out   # 60k images, 150 steps, 8 loader workers
 """
@@ -48,12 +49,19 @@ from sslkit.plugins import load_all
 from sslkit.registry import DATASETS, ENCODERS
 
 IMAGE_SIZE = 32
-MAE_VIT = {"name": "vit_tiny_patch4_32", "depth": 6, "embed_dim": 192, "num_heads": 3}  # PERF_NOTES' small ViT
+MAE_VIT = {"name": "vit_tiny_patch4_32", "depth": 6, "embed_dim": 192, "num_heads": 3}  # a small ViT: patch 4, width 192, depth 6
 MAE_DECODER = {"decoder_dim": 128, "decoder_depth": 2, "decoder_heads": 4}
 DINO_OUT_DIM = 2048
+# BYOL's projector and predictor: lightly's BYOLProjectionHead / BYOLPredictionHead defaults and sslkit's BYOL
+# defaults (the paper's), 512 -> 4096 -> 256 and 256 -> 4096 -> 256, Linear-BN-ReLU-Linear in both
+BYOL_HIDDEN_DIM = 4096
+BYOL_OUT_DIM = 256
+BYOL_MOMENTUM = (0.99, 1.0)  # target momentum, cosine per step (sslkit's default; lightly's example: 0.996 -> 1)
+BYOL_MIN_SCALE = 0.08  # RandomResizedCrop's lower scale, lightly's BYOLView{1,2}Transform default
 N_LOCAL = 6
 LOCAL_SIZE = 16
 KINDS = ("reference", "sslkit", "sslkit_compiled")
+OBJECTIVE_NAMES = ("simclr", "dino", "mae", "byol")
 
 
 class _Poller:
@@ -158,6 +166,14 @@ def sslkit_recipe(objective: str, batch: int, steps: int, workers: int, out_dir:
     elif objective == "mae":
         base.update(augment={"name": "mae", "image_size": IMAGE_SIZE}, encoder=dict(MAE_VIT),
                     objective={"name": "mae", **MAE_DECODER})
+    elif objective == "byol":
+        # BYOL's two asymmetric views (solarisation p=0.2 on the second) are multi-crop with no local crops
+        base.update(augment={"name": "multicrop", "image_size": IMAGE_SIZE, "num_local": 0, "preset": "small",
+                             "global_scale": [BYOL_MIN_SCALE, 1.0], "solarize_p": 0.2},
+                    encoder={"name": "resnet18_cifar"},
+                    objective={"name": "byol", "proj_hidden_dim": BYOL_HIDDEN_DIM, "proj_out_dim": BYOL_OUT_DIM,
+                               "pred_hidden_dim": BYOL_HIDDEN_DIM, "momentum_start": BYOL_MOMENTUM[0],
+                               "momentum_end": BYOL_MOMENTUM[1]})
     return base
 
 
@@ -180,10 +196,15 @@ class PILDataset(torch.utils.data.Dataset):
 
 
 def reference_setup(objective: str, images: torch.Tensor, batch: int, workers: int,
-                    device: torch.device = torch.device("cpu")):
-    """lightly's example pipeline for ``objective``: (loader, model, step function, flops_fn)."""
-    from lightly.loss import DINOLoss, NTXentLoss
+                    device: torch.device = torch.device("cpu"), total_steps: int = 1000):
+    """lightly's example pipeline for ``objective``: (loader, model, optimiser, step function).
+
+    ``total_steps`` sets the length of BYOL's per-step momentum schedule (the other objectives ignore it).
+    """
+    from lightly.loss import DINOLoss, NegativeCosineSimilarity, NTXentLoss
     from lightly.models.modules import (
+        BYOLPredictionHead,
+        BYOLProjectionHead,
         DINOProjectionHead,
         MAEDecoderTIMM,
         MaskedVisionTransformerTIMM,
@@ -199,6 +220,8 @@ def reference_setup(objective: str, images: torch.Tensor, batch: int, workers: i
         update_momentum,
     )
     from lightly.transforms import DINOTransform, MAETransform, SimCLRTransform
+    from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+    from lightly.utils.scheduler import cosine_schedule
 
     load_all()
     if objective == "simclr":
@@ -257,6 +280,38 @@ def reference_setup(objective: str, images: torch.Tensor, batch: int, workers: i
             x_pred = decoder.predict(get_at_index(decoder.decode(x_masked), idx_mask))
             target = get_at_index(patchify(x, 4), idx_mask - 1)
             return nn.functional.mse_loss(x_pred, target)
+    elif objective == "byol":
+        # lightly's examples/pytorch/byol.py: online backbone + projection + prediction head; deep-copied momentum
+        # backbone + projection head with requires_grad off; one forward per view and network; symmetric loss
+        view = {"input_size": IMAGE_SIZE, "min_scale": BYOL_MIN_SCALE, "gaussian_blur": 0.0}  # no blur, as sslkit's
+        transform = BYOLTransform(view_1_transform=BYOLView1Transform(**view),  # "small" preset at 32 px
+                                  view_2_transform=BYOLView2Transform(**view, solarization_prob=0.2))
+        online = nn.ModuleDict({"backbone": ENCODERS.build("resnet18_cifar"),
+                                "projection_head": BYOLProjectionHead(512, BYOL_HIDDEN_DIM, BYOL_OUT_DIM),
+                                "prediction_head": BYOLPredictionHead(BYOL_OUT_DIM, BYOL_HIDDEN_DIM, BYOL_OUT_DIM)})
+        momentum = nn.ModuleDict({"backbone": copy.deepcopy(online["backbone"]),
+                                  "projection_head": copy.deepcopy(online["projection_head"])})
+        deactivate_requires_grad(momentum)
+        model = nn.ModuleDict({"online": online, "momentum": momentum})
+        criterion = NegativeCosineSimilarity()
+        opt = torch.optim.SGD(online.parameters(), lr=0.06)
+        counter = {"step": 0}
+
+        def forward(x):
+            return online["prediction_head"](online["projection_head"](online["backbone"](x).flatten(start_dim=1)))
+
+        def forward_momentum(x):  # no torch.no_grad in lightly's example: its weights simply need no gradient
+            return momentum["projection_head"](momentum["backbone"](x).flatten(start_dim=1)).detach()
+
+        def step(views):
+            m = cosine_schedule(counter["step"], total_steps, *BYOL_MOMENTUM)
+            counter["step"] += 1
+            update_momentum(online["backbone"], momentum["backbone"], m=m)
+            update_momentum(online["projection_head"], momentum["projection_head"], m=m)
+            x0, x1 = views
+            p0, z0 = forward(x0), forward_momentum(x0)
+            p1, z1 = forward(x1), forward_momentum(x1)
+            return 0.5 * (criterion(p0, z1) + criterion(p1, z0))
     else:
         raise ValueError(objective)
 
@@ -270,7 +325,7 @@ def run_reference(objective: str, images: torch.Tensor, batch: int, steps: int, 
                   device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loader, model, opt, step = reference_setup(objective, images, batch, workers, device)
+    loader, model, opt, step = reference_setup(objective, images, batch, workers, device, total_steps=steps + 2)
     model.train()
     with RSSPeak() as mem, GPUBusy(device) as busy:
         m = _reference_loop(loader, model, opt, step, batch, steps, device)
@@ -378,7 +433,7 @@ def train_flops_per_image(objective: str, batch: int = 8) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--objectives", nargs="+", default=["simclr", "dino", "mae"], choices=["simclr", "dino", "mae"])
+    ap.add_argument("--objectives", nargs="+", default=list(OBJECTIVE_NAMES), choices=OBJECTIVE_NAMES)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=None,

@@ -26,7 +26,7 @@ class CLIError(Exception):
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from sslkit.config import load_recipe
     from sslkit.engine import train
-    from sslkit.run import resolve_run_dir
+    from sslkit.run import read_config, resolve_run_dir
 
     overrides = list(args.overrides)
     recipe = args.recipe
@@ -36,6 +36,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = resolve_run_dir(args.resume)
         recipe_path = recipe or run_dir / "config.yaml"
+        if recipe is None:
+            read_config(run_dir / "config.yaml")  # the run directory is untrusted: no interpolation, valid YAML
         cfg = load_recipe(recipe_path, overrides)
         train(cfg, resume=run_dir, stop_at_step=args.stop_at_step)
         return 0
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sslkit.config import ConfigError
     from sslkit.data import DataError
+    from sslkit.engine.signals import TrainingInterrupted
     from sslkit.registry import RegistryError
     from sslkit.run import RunError
 
@@ -139,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, ConfigError, DataError, RegistryError, RunError) as e:
         print(f"sslkit: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"sslkit: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
-        print("sslkit: interrupted; the last checkpoint (if any) is intact. Resume with --resume RUN_DIR.",
-              file=sys.stderr)
+        print("sslkit: interrupted before training started or while evaluating; nothing was checkpointed by this "
+              "command. A run directory it made can be resumed only if it holds checkpoints/last.ckpt "
+              "(--resume RUN_DIR).", file=sys.stderr)
         return 130
 
 

@@ -292,8 +292,23 @@ def _check_pipeline(cfg: DictConfig) -> None:
                               f"size {patch} ({cfg.encoder.name}); use a multiple of {patch}.")
 
 
+def check_run_name(name: object) -> None:
+    """A run name is one path component: not empty, no separator, not ``.``/``..``, no leading dot or dash."""
+    import os
+
+    text = str(name) if name is not None else ""
+    bad = (not text or "/" in text or (os.altsep and os.altsep in text) or text in (".", "..") or text[0] in ".-"
+           or "\0" in text or len(text) > 200)
+    if bad:
+        raise ConfigError(f"recipe key 'name': {text!r} is not a run name; it must be one folder name (letters, digits, "
+                          "'_', '-', '.'; no '/', no leading '.' or '-', at most 200 characters), e.g. name=my_run. "
+                          "Use output_dir for where runs go.")
+
+
 def _cross_checks(cfg: DictConfig) -> None:
     from sslkit.registry import DATASETS
+
+    check_run_name(cfg.name)
 
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"recipe key 'data.name': unknown dataset {cfg.data.name!r}. "

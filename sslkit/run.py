@@ -6,6 +6,7 @@ Layout::
         config.yaml            the resolved recipe
         checkpoints/last.ckpt  full training state (weights_only-loadable)
         metrics.csv            one row per logged step
+        train.log              progress lines and the run's messages
         tb/                    TensorBoard events
         encoder.safetensors    the objective's eval encoder (DINO: the teacher)
         summary.json           images/s, peak memory, final metrics
@@ -57,6 +58,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def open_no_follow(path: Path, mode: str = "a") -> Any:
+    """Open ``path`` for appending ("a") or reading and appending ("a+"), creating it, but never through a symbolic
+    link: a link planted in a run directory raises :class:`RunError` instead of redirecting sslkit's writes."""
+    flags = os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if Path(path).is_symlink():
+            raise RunError(f"refusing to write through the symbolic link {path}: sslkit never writes through a link "
+                           "it did not create. Remove the link.") from None
+        raise RunError(f"cannot write {path}: {e}") from None
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
 def save_encoder(encoder: torch.nn.Module, path: Path) -> None:
     """Export encoder weights as safetensors (atomically)."""
     from safetensors.torch import save
@@ -79,8 +94,44 @@ def resolve_run_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def refuse_interpolation(data: Any, where: str, key: str = "") -> None:
+    """Raise if any string in ``data`` holds an OmegaConf interpolation (``${...}``).
+
+    sslkit writes resolved recipes, so an interpolation in a run's ``config.yaml`` or checkpoint was put there by
+    someone else; resolving it could read environment variables (``${oc.env:...}``) into results that are shared.
+    """
+    if isinstance(data, dict):
+        for k, v in data.items():
+            refuse_interpolation(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            refuse_interpolation(v, where, f"{key}[{i}]")
+    elif isinstance(data, str) and "${" in data:
+        raise RunError(f"{where}: key '{key}' holds an interpolation ({data[:60]!r}). sslkit writes resolved configs "
+                       "and never resolves one from a run directory, since it could copy environment variables into "
+                       "results; replace it with its value.")
+
+
+def read_config(path: Path | str, where: str | None = None) -> DictConfig:
+    """A run's ``config.yaml`` (a path), or a checkpoint's copy of it (YAML text), as untrusted input: plain YAML,
+    no interpolation."""
+    import yaml
+
+    text = path.read_text() if isinstance(path, Path) else str(path)
+    label = where or str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RunError(f"{label} is not valid YAML ({str(e).splitlines()[0]}); restore it from the run's "
+                       "checkpoint or re-run the recipe.") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{label} does not hold a recipe (a mapping of sections); restore it or re-run the recipe.")
+    refuse_interpolation(data, label)
+    return OmegaConf.create(data)
+
+
 def load_config(run_dir: str | os.PathLike) -> DictConfig:
-    return OmegaConf.load(resolve_run_dir(run_dir) / "config.yaml")
+    return read_config(resolve_run_dir(run_dir) / "config.yaml")
 
 
 def eval_encoder_args(cfg: DictConfig) -> dict[str, Any]:
@@ -144,7 +195,7 @@ def load_encoder(run_dir: str | os.PathLike, map_location: str | torch.device = 
     from safetensors.torch import load_file
 
     d = resolve_run_dir(run_dir)
-    cfg = OmegaConf.load(d / "config.yaml")
+    cfg = read_config(d / "config.yaml")
     weights = d / "encoder.safetensors"
     if not weights.is_file():
         raise RunError(f"{d} has no encoder.safetensors: the run has not finished. Resume it with "

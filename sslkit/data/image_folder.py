@@ -60,11 +60,13 @@ class ImageFolderDataset(ImageDataset):
             except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
                 if self.strict:
                     raise DataError(f"cannot read image {self.files[j]}: {e}. Remove or fix it, or set "
-                                    "data.strict=false to skip unreadable files.") from e
+                                    "data.args.strict=false to skip unreadable files.") from e
                 if str(self.files[j]) not in self.bad:
                     self.bad.append(str(self.files[j]))
                     if self.bad_log is not None:  # one short line per append: safe from several workers
-                        with open(self.bad_log, "a") as f:
+                        from sslkit.run import open_no_follow
+
+                        with open_no_follow(self.bad_log) as f:
                             f.write(f"{self.files[j]}\n")
                     if len(self.bad) <= 5:
                         warnings.warn(f"skipping unreadable image {self.files[j]}: {e}", stacklevel=2)

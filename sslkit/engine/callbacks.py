@@ -193,8 +193,10 @@ class NonFiniteGuard(Callback):
         step = ctx.state.step
         if self.bad_steps > self.tolerated:
             raise NonFiniteLossError(self.message(ctx, what, value))
-        print(f"warning: {what} is {value} at step {step}; skipped the update ({self.bad_steps}/{self.tolerated} "
-              "tolerated by trainer.skip_nonfinite_steps)", file=sys.stderr)
+        warning = (f"warning: {what} is {value} at step {step}; skipped the update ({self.bad_steps}/{self.tolerated} "
+                   "tolerated by trainer.skip_nonfinite_steps)")
+        print(warning, file=sys.stderr)
+        ctx.log_file(warning)
 
     def message(self, ctx: TrainContext, what: str, value: float) -> str:
         from sslkit.engine.precision import resolve_precision

@@ -53,7 +53,9 @@ class TrainContext:
 
     def log_file(self, line: str) -> None:
         if self.is_main:
-            with (self.run_dir / "train.log").open("a") as f:
+            from sslkit.run import open_no_follow
+
+            with open_no_follow(self.run_dir / "train.log") as f:
                 f.write(line.rstrip("\n") + "\n")
 
     def set_total_steps(self, total: int) -> None:

@@ -36,11 +36,12 @@ from sslkit.engine.context import TrainContext
 from sslkit.engine.logs import MetricsLog, peak_rss_gb
 from sslkit.engine.monitor import KNNMonitor, knn_line
 from sslkit.engine.precision import make_fabric, resolve_precision
-from sslkit.engine.rundir import link_latest, new_run_dir
+from sslkit.engine.rundir import claim_run_dir, link_latest
 from sslkit.engine.schedules import Schedules
+from sslkit.engine.signals import SignalCheckpoint
 from sslkit.engine.state import TrainState
 from sslkit.plugins import load_all
-from sslkit.run import RunError, atomic_write_bytes, build_dataset, load_state_strict
+from sslkit.run import RunError, atomic_write_bytes, build_dataset, load_state_strict, read_config
 
 RUN_DIR_ENV = "SSLKIT_RUN_DIR"  # lets DDP children started by the launcher agree on the run directory
 
@@ -80,8 +81,8 @@ def train_one_epoch(ctx: TrainContext) -> None:
         optimizer.zero_grad(set_to_none=True)
         s.record_step(t0, t_data, time.perf_counter(), loss)
         ctx.callbacks.on_step_end(ctx, out)
-        if s.step == s.stop_at_step or s.finished:
-            s.stopped_early = s.step == s.stop_at_step and not s.finished
+        if s.step == s.stop_at_step or s.finished or s.stop_requested:
+            s.stopped_early = not s.finished
             return
         t0 = time.perf_counter()
 
@@ -91,6 +92,7 @@ def run_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: 
     """One process of a run: set up, loop over epochs, finish."""
     ctx = setup(fabric, cfg, dataset, pipeline, run_dir, ckpt, stop_at_step)
     s = ctx.state
+    signals = next(c for c in ctx.callbacks.callbacks if isinstance(c, SignalCheckpoint))
     ctx.callbacks.on_train_start(ctx)
     while not s.finished and not s.stopped_early:
         train_one_epoch(ctx)
@@ -98,7 +100,9 @@ def run_worker(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: 
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
             ctx.callbacks.on_epoch_end(ctx)
     ctx.callbacks.on_train_end(ctx)
-    return finish(ctx)
+    result = finish(ctx)
+    signals.raise_if_stopped(ctx)
+    return result
 
 
 def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict | None,  # noqa: ANN001
@@ -154,7 +158,8 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
     )
     callbacks = [c for c in (budget, Progress(cfg.trainer.progress_every_seconds, terminal=cfg.trainer.progress),
                              MetricsLogger(), Checkpointer(cfg.trainer.checkpoint_every_steps),
-                             NonFiniteGuard(cfg.trainer.skip_nonfinite_steps), KNNMonitor()) if c is not None]
+                             NonFiniteGuard(cfg.trainer.skip_nonfinite_steps), SignalCheckpoint(), KNNMonitor())
+                 if c is not None]
     ctx = TrainContext(fabric, cfg, run_dir, objective, model, optimizer, params, loader, sampler, batched,
                        channels_last, schedules, state, Callbacks(callbacks), attention=attention)
 
@@ -163,7 +168,7 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
         inner.bad_log = run_dir / "bad_files.txt"  # workers append the paths of unreadable files here
     if ctx.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml")
+        atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())  # replaces, never follows, a link
         link_latest(run_dir, cfg.name)
         ctx.logs = MetricsLog(run_dir, state.step if ckpt is not None else None)
         ctx.print(f"run directory: {run_dir}  ({total} steps, {spe}/epoch, global batch {state.global_batch}, "
@@ -231,9 +236,9 @@ def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step
             run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
         ckpt = load_checkpoint(ckpt_path)
-        check_resume_config(cfg, OmegaConf.create(ckpt["config_yaml"]), ckpt_path)
+        check_resume_config(cfg, read_config(ckpt["config_yaml"], f"the recipe inside {ckpt_path}"), ckpt_path)
     else:
-        run_dir = Path(os.environ.get(RUN_DIR_ENV) or new_run_dir(cfg))
+        run_dir = Path(os.environ[RUN_DIR_ENV]) if os.environ.get(RUN_DIR_ENV) else claim_run_dir(cfg)
 
     fabric = make_fabric(cfg)
     previous = os.environ.get(RUN_DIR_ENV)

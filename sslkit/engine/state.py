@@ -24,6 +24,7 @@ class TrainState:
     start_step: int = 0  # the step this process started at
     stop_at_step: int | None = None
     stopped_early: bool = False
+    stop_requested: bool = False  # a signal asked the run to stop after the current step (engine.signals)
     prior_seconds: float = 0.0
     train_time: float = 0.0
     images: int = 0

@@ -76,7 +76,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help="also give top1_whitened / top5_whitened: features PCA-whitened to D dimensions learned on "
                         "the bank, without labels (Jegou & Chum 2012), then L2-normalised. A different protocol, "
                         "reported beside the main top1 / top5 and never in their place. Default: the run's "
-                        "eval.knn_whiten (the CPU recipes: 512); 0 = none")
+                        "eval.knn_whiten (none in the shipped recipes); 0 = none")
     p.set_defaults(func=cmd_knn)
 
     p = subparsers.add_parser("linear", help="linear probe on frozen features",

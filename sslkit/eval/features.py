@@ -8,7 +8,7 @@ short side, centre-crop ``image_size``, normalise with the ImageNet mean/std.
 
 :func:`cached_features` wraps it with a cache keyed by the encoder's weights (sha256 of the state_dict
 bytes), the transform and the dataset, so a second evaluation of the same run reads features from disk
-(PERF_NOTES: extracting 70k images costs minutes on a 2-core CPU, more than the k-NN itself).
+(extracting 70k images costs minutes on a 2-core CPU, more than the k-NN itself).
 
 Example::
 
@@ -141,7 +141,7 @@ def use_bf16(device: torch.device, bf16: bool | None = None) -> bool:
 
 
 def _autocast(device: torch.device, bf16: bool | None = None) -> contextlib.AbstractContextManager:
-    """bf16 autocast where :func:`use_bf16` says so (PERF_NOTES: precision moves inference speed the most)."""
+    """bf16 autocast where :func:`use_bf16` says so (precision moves inference speed the most)."""
     if use_bf16(device, bf16):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -172,7 +172,7 @@ def extract_features(encoder: nn.Module, dataset: Dataset, *, image_size: int, b
         desc: the bar's label.
         num_workers: DataLoader workers for the per-image path.
         bf16: bf16 autocast; None = on CUDA only. On a CPU with AVX-512 BF16 it roughly doubles CNN throughput
-            (PERF_NOTES) at the cost of slightly different features.
+            at the cost of slightly different features.
         channels_last: NHWC layout for CNN encoders; None = on CUDA, and on CPU with bf16 (where oneDNN's
             NHWC bf16 convolutions are fastest).
 

@@ -252,7 +252,9 @@ def append_report_row(report: Path, cells: Sequence[str]) -> None:
     """Append one row to the Markdown report (creating it with a header), under an exclusive file lock."""
     report.parent.mkdir(parents=True, exist_ok=True)
     row = "| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |\n"
-    with open(report, "a+", encoding="utf-8") as f:
+    from sslkit.run import open_no_follow
+
+    with open_no_follow(report, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             f.seek(0)

@@ -46,10 +46,10 @@ def load_mae(run_dir: str | os.PathLike, map_location: str = "cpu") -> tuple[nn.
 
     from sslkit.plugins import load_all
     from sslkit.registry import OBJECTIVES
-    from sslkit.run import RunError, build_encoder, load_state_strict, resolve_run_dir
+    from sslkit.run import RunError, build_encoder, load_config, load_state_strict, resolve_run_dir
 
     d = resolve_run_dir(run_dir)
-    cfg = OmegaConf.load(d / "config.yaml")
+    cfg = load_config(d)
     load_all()
     entry = OBJECTIVES.get(cfg.objective.name)
     if not (hasattr(entry.factory, "reconstruct") and hasattr(entry.factory, "pixel_mask")):
