@@ -309,6 +309,8 @@ def _cross_checks(cfg: DictConfig) -> None:
     from sslkit.registry import DATASETS
 
     check_run_name(cfg.name)
+    _check_finite(OmegaConf.to_container(cfg, resolve=True))
+    _check_output_dir(cfg)
 
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"recipe key 'data.name': unknown dataset {cfg.data.name!r}. "
@@ -353,13 +355,68 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> DictCon
         alt = Path("recipes") / p.name
         hint = f" Did you mean {alt}?" if alt.is_file() else ""
         raise ConfigError(f"recipe {p} not found.{hint} Recipes ship in the recipes/ folder.")
+    text = p.read_text(errors="replace")
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {p} is {len(text)} bytes; a recipe states a few keys (at most {MAX_RECIPE_BYTES} "
+                          "bytes). Is it the right file?")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {p} is not valid YAML: {e}") from None
+        raise ConfigError(f"recipe {p} is not valid YAML: {str(e).splitlines()[0]}. Fix the line it names.") from None
+    if raw is None:
+        raise ConfigError(f"recipe {p} is empty: nothing would be trained as you meant. Start from a recipe in "
+                          "recipes/ and state what differs from the defaults.")
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(raw).__name__}.")
+    nodes = _count_nodes(raw)
+    if nodes > MAX_RECIPE_NODES:
+        raise ConfigError(f"recipe {p} expands to more than {MAX_RECIPE_NODES} values (YAML aliases repeat nodes); "
+                          "write the recipe out plainly.")
     return resolve(raw, overrides)
+
+
+MAX_RECIPE_BYTES = 1_000_000
+MAX_RECIPE_NODES = 100_000
+
+
+def _count_nodes(data: Any, limit: int = MAX_RECIPE_NODES) -> int:
+    """Values in a loaded YAML tree, counting a node once per reference (aliases included); stops past ``limit``."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return count
+
+
+def _check_finite(data: Any, key: str = "") -> None:
+    """Every number in the recipe is finite: NaN or infinity is never a setting."""
+    import math
+
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise ConfigError(f"recipe key '{key}': {data} is not a finite number; give a finite value.")
+
+
+def _check_output_dir(cfg: DictConfig) -> None:
+    """``output_dir`` (or its nearest existing parent) must be a writable folder."""
+    import os
+
+    path = Path(str(cfg.output_dir)).expanduser().absolute()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"recipe key 'output_dir': {path} cannot be written ({probe} is not a writable folder). "
+                          "Choose a writable output_dir=PATH.")
 
 
 def section_kwargs(section: DictConfig) -> dict[str, Any]:

@@ -161,3 +161,37 @@ def test_a_signal_mid_epoch_checkpoints_the_last_step_and_resumes_bit_exact(tmp_
     full_a = load_checkpoint(tmp_path / "runs" / "ref" / "checkpoints" / "last.ckpt")["objective"]
     full_b = load_checkpoint(run / "checkpoints" / "last.ckpt")["objective"]
     assert all(torch.equal(full_a[k], full_b[k]) for k in full_a)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n" \
+       "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n" \
+       "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("nan_lr", "recipe key 'optim.lr': nan is not a finite number"),
+    ("inf_wd", "recipe key 'optim.weight_decay': inf is not a finite number"),
+    ("empty", "is empty"),
+    ("bomb", "expands to more than"),
+    ("unwritable", "cannot be written"),
+    ("batch_too_large", "is more than the 64 training images"),
+])
+def test_bad_input_is_one_error_line_before_any_work(tmp_path, tiny_recipe, capsys, case, message):
+    raw = _cnn(tiny_recipe)
+    raw["output_dir"] = str(tmp_path / "out" / "runs")
+    path = tmp_path / "r.yaml"
+    if case == "nan_lr":
+        raw["optim"]["lr"] = float("nan")
+    elif case == "inf_wd":
+        raw["optim"]["weight_decay"] = float("inf")
+    elif case == "unwritable":
+        blocker = tmp_path / "out"
+        blocker.write_text("a file where a folder should be")
+    elif case == "batch_too_large":
+        raw["data"]["batch_size"] = 128
+    path.write_text({"empty": "", "bomb": BOMB}[case] if case in ("empty", "bomb") else yaml.safe_dump(raw))
+    assert main(["pretrain", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sslkit: error: ") and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").is_dir(), "nothing is written"

@@ -222,6 +222,11 @@ def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step
         from sslkit.data import subset_dataset
 
         dataset = subset_dataset(dataset, cfg.data.subset, seed=cfg.seed)
+    world = cfg.trainer.num_nodes * (cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1)
+    if len(dataset) < cfg.data.batch_size * world:
+        raise ConfigError(f"recipe key 'data.batch_size': {cfg.data.batch_size} x {world} process(es) is more than the "
+                          f"{len(dataset)} training images, so not one step fits in an epoch. Lower data.batch_size "
+                          "or use more data (data.subset).")
     pipeline = build_pipeline(cfg)
     try:
         build_objective(cfg)  # fail fast on encoder/objective arguments, before anything is written
