@@ -133,10 +133,14 @@ def test_a_signal_mid_epoch_checkpoints_the_last_step_and_resumes_bit_exact(tmp_
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
-    path = _write(tmp_path, {**raw, "name": "victim"}, "victim.yaml")
+    # SIGINT goes to the whole process group, as a terminal's Ctrl-C does, loader worker included.
+    victim = {**raw, "name": "victim"}
+    if sig == signal.SIGINT:
+        victim["data"] = {**raw["data"], "num_workers": 1}
+    path = _write(tmp_path, victim, "victim.yaml")
     run = tmp_path / "runs" / "victim"
     proc = subprocess.Popen([sys.executable, "-m", "sslkit.cli", "pretrain", str(path)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until step 5 of 30 (epoch 0 has 30 steps: no epoch-end checkpoint yet)
         log = run / "train.log"
@@ -144,7 +148,7 @@ def test_a_signal_mid_epoch_checkpoints_the_last_step_and_resumes_bit_exact(tmp_
             break
         time.sleep(0.02)
     t_signal = time.time()
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, err[-2000:]
     assert f"{signal.Signals(sig).name} received: stopped after step" in err and "--resume" in err
@@ -153,7 +157,8 @@ def test_a_signal_mid_epoch_checkpoints_the_last_step_and_resumes_bit_exact(tmp_
     assert ckpt["step"] == stopped and 5 <= stopped < 30 and ckpt["batch_in_epoch"] == stopped
     print(f"signal to exit: {time.time() - t_signal:.2f} s")
 
-    resumed = subprocess.run([sys.executable, "-m", "sslkit.cli", "pretrain", "--resume", str(run)], env=_env(),
+    resumed = subprocess.run([sys.executable, "-m", "sslkit.cli", "pretrain", "--resume", str(run), "data.num_workers=0"],
+                             env=_env(),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_file(tmp_path / "runs" / "ref" / "encoder.safetensors"), load_file(run / "encoder.safetensors")

@@ -19,6 +19,13 @@ if TYPE_CHECKING:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT / SIGTERM, so a Ctrl-C sent to the whole process group
+    reaches the main process's handler without killing the workers under the step in progress."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class TrainingInterrupted(Exception):
     """A run stopped by a signal after checkpointing; ``exit_code`` is the conventional 128 + signal number."""
 
