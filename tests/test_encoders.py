@@ -25,7 +25,7 @@ def test_encoder_contract(name):
     assert all(g is not None for g in grads), "every parameter must receive a gradient"
     assert any(g.abs().sum() > 0 for g in grads)
     if enc.is_vit:
-        cls, patches = enc.forward_tokens(x)
+        cls, _, patches = enc.forward_tokens(x)
         assert cls.shape == (2, enc.dim)
         assert patches.shape == (2, (size // enc.patch_size) ** 2, enc.dim)
 
@@ -36,12 +36,12 @@ def test_vit_keep_runs_only_visible_tokens_and_matches_full_when_all_kept():
     x = torch.randn(2, 3, 32, 32)
     L = 64
     keep_all = torch.arange(L).expand(2, L)
-    full_cls, full_p = enc.forward_tokens(x)
-    cls, p = enc.forward_tokens(x, keep=keep_all)
+    full_cls, _, full_p = enc.forward_tokens(x)
+    cls, _, p = enc.forward_tokens(x, keep=keep_all)
     torch.testing.assert_close(cls, full_cls)
     torch.testing.assert_close(p, full_p)
     keep = torch.stack([torch.randperm(L)[:16] for _ in range(2)])
-    _, p16 = enc.forward_tokens(x, keep=keep)
+    _, _, p16 = enc.forward_tokens(x, keep=keep)
     assert p16.shape == (2, 16, enc.dim)
 
 
@@ -138,7 +138,7 @@ def test_unknown_timm_model_is_named():
 def test_vit_avg_pool_uses_normalised_tokens(name):
     enc = ENCODERS.build(name, pool="avg").eval()
     x = torch.randn(2, 3, 32, 32)
-    cls, patches = enc.forward_tokens(x)
+    cls, _, patches = enc.forward_tokens(x)
     torch.testing.assert_close(enc(x), patches.mean(dim=1))
     # LayerNorm output (affine at init: weight 1, bias 0) has zero mean and unit std per token.
     torch.testing.assert_close(patches.mean(-1), torch.zeros(2, patches.shape[1]), atol=1e-5, rtol=0)

@@ -1,12 +1,23 @@
 """timm-backed encoders with one interface.
 
-``ENCODERS.build(name, **kw)`` returns an :class:`Encoder`: ``forward(x) -> (B, dim)`` pooled features;
-ViTs also have ``forward_tokens(x, keep=None) -> (cls (B, D), patches (B, L, D))`` where ``keep`` (B, K)
-selects visible patch indices before the blocks run (MAE), and ``patch_size``. Weights are always
-randomly initialised: nothing is downloaded.
+``ENCODERS.build(name, **kw)`` returns an :class:`Encoder`: ``forward(x) -> (B, dim)`` pooled features, and
+``forward_tokens(x, keep=None, mask=None) -> Tokens(cls (B, D), registers (B, R, D), patches (B, N, D))``:
+
+- ViTs: the class token, the register tokens ("Vision Transformers Need Registers", Darcet et al. 2024; the
+  ``reg_tokens`` option, 0 by default) and the patch tokens, after the final norm. ``keep`` (B, K) runs only the
+  listed patches through the blocks (MAE); ``mask`` (B, L) bool replaces the masked patches' embeddings with a
+  learned mask token before the position embedding (iBOT, DINOv2). ``patch_size`` and :meth:`Encoder.patch_grid`
+  give the grid.
+- CNNs: the last feature map as a grid of ``feature_stride``-pixel patches (``patches`` (B, h*w, C), ``cls`` their
+  mean, no registers), so dense tools work on them too; ``patch_size`` is None.
+
+Weights are always randomly initialised: nothing is downloaded.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import timm
 import torch
@@ -17,8 +28,24 @@ from torch import nn
 from sslkit.registry import ENCODERS
 
 
+class Tokens(NamedTuple):
+    """An encoder's tokens: ``cls`` (B, D), ``registers`` (B, R, D) (R may be 0), ``patches`` (B, N, D) in
+    row-major grid order (N = h * w, or K kept patches)."""
+
+    cls: torch.Tensor
+    registers: torch.Tensor
+    patches: torch.Tensor
+
+
 class Encoder(nn.Module):
-    """Wraps a timm model. ``dim`` is the pooled feature size; ``patch_size`` is None for CNNs."""
+    """Wraps a timm model. ``dim`` is the pooled feature size; ``patch_size`` is None for CNNs.
+
+    Attributes:
+        num_registers: register tokens of a ViT (0 without, and for CNNs).
+        mask_token: (1, 1, D) learned embedding that replaces masked patches (ViTs); None until an objective
+            that masks (iBOT) calls :meth:`enable_mask_token`, so other objectives carry no unused parameter
+            (which DDP would refuse) and their weights files keep their keys.
+    """
 
     def __init__(self, model: nn.Module, name: str, pool: str = "token") -> None:
         super().__init__()
@@ -30,10 +57,20 @@ class Encoder(nn.Module):
         self.pool = pool
         self.dim: int = int(model.num_features)
         self.patch_size: int | None = None
+        self.num_registers = 0
         if self.is_vit:
             ps = model.patch_embed.patch_size
             self.patch_size = int(ps[0] if isinstance(ps, tuple | list) else ps)
             self.num_prefix_tokens = int(model.num_prefix_tokens)
+            self.num_registers = int(getattr(model, "num_reg_tokens", 0) or 0)
+        self.mask_token: nn.Parameter | None = None
+
+    def enable_mask_token(self) -> None:
+        """Add the learned mask token (zero-initialised, as in DINOv2) that ``forward_tokens(mask=...)`` uses."""
+        if not self.is_vit:
+            raise TypeError(f"encoder {self.name!r} is a CNN: it has no patch embeddings to mask")
+        if self.mask_token is None:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, int(self.model.embed_dim)))
 
     @property
     def is_cnn(self) -> bool:
@@ -43,29 +80,66 @@ class Encoder(nn.Module):
         """(B, 3, H, W) -> (B, dim)."""
         if not self.is_vit:
             return self.model(x)
-        cls, patches = self.forward_tokens(x)
-        return cls if self.pool == "token" else patches.mean(dim=1)
+        tokens = self.forward_tokens(x)
+        return tokens.cls if self.pool == "token" else tokens.patches.mean(dim=1)
 
-    def forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """ViTs: (B, 3, H, W) -> (cls (B, D), patch tokens (B, K, D)).
+    def forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> Tokens:
+        """(B, 3, H, W) -> :class:`Tokens` (class token, registers, patches).
 
-        ``keep`` (B, K) long: indices of the patches to run through the blocks (the rest are dropped
-        after the position embedding, so compute scales with K).
+        Args:
+            keep: ViTs, (B, K) long: the patches to run through the blocks (the rest are dropped after the
+                position embedding, so compute scales with K); ``patches`` then holds the K kept ones.
+            mask: ViTs, (B, L) bool over the h x w grid (row-major): these patches enter as the learned
+                ``mask_token`` (plus their position embedding) instead of their pixels' embedding.
         """
         if not self.is_vit:
-            raise TypeError(f"encoder {self.name!r} is a CNN and has no tokens")
+            if keep is not None or mask is not None:
+                raise TypeError(f"encoder {self.name!r} is a CNN: it takes no patch mask or kept-patch list")
+            fmap = self.model.forward_features(x)  # (B, C, h, w)
+            patches = fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+            return Tokens(patches.mean(dim=1), patches[:, :0], patches)
         m = self.model
-        t = m.patch_embed(x)
+        t = m.patch_embed(x)  # (B, h, w, D) with dynamic image sizes, else (B, L, D)
+        if mask is not None:
+            if self.mask_token is None:
+                raise RuntimeError(f"encoder {self.name!r} has no mask token: an objective that masks patches calls "
+                                   "encoder.enable_mask_token() when it is built")
+            grid_shape = t.shape[:-1]
+            if mask.shape != (grid_shape[0], math.prod(grid_shape[1:])):
+                raise ValueError(f"mask must be (B, L) = {(grid_shape[0], math.prod(grid_shape[1:]))} for this "
+                                 f"input, got {tuple(mask.shape)}")
+            t = torch.where(mask.reshape(grid_shape).unsqueeze(-1), self.mask_token.to(t.dtype), t)
         t = m._pos_embed(t)  # (B, P + L, D) with P prefix tokens; interpolates pos-embed for other sizes
         t = m.patch_drop(t)
         t = m.norm_pre(t)
+        p = self.num_prefix_tokens
         if keep is not None:
-            p = self.num_prefix_tokens
             patches = torch.gather(t[:, p:], 1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, K, D)
             t = torch.cat([t[:, :p], patches], dim=1)
         t = m.blocks(t)
         t = m.norm(t)
-        return t[:, 0], t[:, self.num_prefix_tokens:]
+        return Tokens(t[:, 0], t[:, p - self.num_registers:p], t[:, p:])
+
+    def patch_grid(self, height: int, width: int | None = None) -> tuple[int, int]:
+        """(h, w) of the patch grid for an input of this size (ViTs: patches; CNNs: the last feature map)."""
+        width = height if width is None else width
+        stride = self.patch_size or self.feature_stride
+        return height // stride, width // stride
+
+    @property
+    def feature_stride(self) -> int:
+        """Input pixels per patch side: the ViT patch size, or the CNN's total downsampling (measured once)."""
+        if self.patch_size is not None:
+            return self.patch_size
+        if not hasattr(self, "_feature_stride"):
+            probe = 64
+            param = next(self.model.parameters())
+            with torch.no_grad():
+                fmap = self.model.forward_features(torch.zeros(1, 3, probe, probe, device=param.device,
+                                                               dtype=param.dtype))
+            self._feature_stride = probe // int(fmap.shape[-1])
+        return self._feature_stride
 
     def num_patches(self, image_size: int) -> int:
         if self.patch_size is None:
@@ -75,7 +149,7 @@ class Encoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) that take no weight decay besides biases and norms."""
         inner = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else set()
-        return {f"model.{n}" for n in inner}
+        return {f"model.{n}" for n in inner} | ({"mask_token"} if self.mask_token is not None else set())
 
 
 ATTENTION_MODES = ("auto", "fused", "math")
@@ -191,6 +265,8 @@ def resnet50(zero_init_residual: bool = True) -> Encoder:
 
 
 def _vit(name: str, pool: str, **kw) -> Encoder:
+    if kw.get("reg_tokens") == 0:
+        kw.pop("reg_tokens")
     kw.setdefault("dynamic_img_size", True)  # interpolate position embeddings for multi-crop sizes
     kw.setdefault("global_pool", "token" if pool == "token" else "avg")
     # The final LayerNorm applies to every token (not timm's post-pool `fc_norm`), so forward_tokens, the
@@ -201,9 +277,12 @@ def _vit(name: str, pool: str, **kw) -> Encoder:
 
 @ENCODERS.register("vit_tiny_patch4_32", help="ViT-Tiny (192-d, 12 blocks, 3 heads) with 4-px patches, for 32 px")
 def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192, num_heads: int = 3,
-                       mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, pool: str = "token") -> Encoder:
-    """ViT-Tiny for small images: 4x4 patches (64 tokens at 32 px, 49 at 28 px)."""
-    model = VisionTransformer(img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=depth,
+                       mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, pool: str = "token",
+                       reg_tokens: int = 0) -> Encoder:
+    """ViT-Tiny for small images: 4x4 patches (64 tokens at 32 px, 49 at 28 px); ``reg_tokens`` register tokens."""
+    if reg_tokens < 0:
+        raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
+    model = VisionTransformer(img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=depth, reg_tokens=reg_tokens,
                               num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, drop_path_rate=drop_path_rate,
                               dynamic_img_size=True, global_pool="token" if pool == "token" else "avg",
                               fc_norm=False)  # final norm on every token; see _vit
@@ -211,13 +290,15 @@ def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192
 
 
 @ENCODERS.register("vit_small_patch16_224", help="ViT-S/16 (384-d), the DINO paper's main model")
-def vit_small_patch16_224(img_size: int = 224, drop_path_rate: float = 0.1, pool: str = "token") -> Encoder:
-    return _vit("vit_small_patch16_224", pool, img_size=img_size, drop_path_rate=drop_path_rate)
+def vit_small_patch16_224(img_size: int = 224, drop_path_rate: float = 0.1, pool: str = "token",
+                          reg_tokens: int = 0) -> Encoder:
+    return _vit("vit_small_patch16_224", pool, img_size=img_size, drop_path_rate=drop_path_rate, reg_tokens=reg_tokens)
 
 
 @ENCODERS.register("vit_base_patch16_224", help="ViT-B/16 (768-d), the MAE paper's base model")
-def vit_base_patch16_224(img_size: int = 224, drop_path_rate: float = 0.0, pool: str = "token") -> Encoder:
-    return _vit("vit_base_patch16_224", pool, img_size=img_size, drop_path_rate=drop_path_rate)
+def vit_base_patch16_224(img_size: int = 224, drop_path_rate: float = 0.0, pool: str = "token",
+                         reg_tokens: int = 0) -> Encoder:
+    return _vit("vit_base_patch16_224", pool, img_size=img_size, drop_path_rate=drop_path_rate, reg_tokens=reg_tokens)
 
 
 def _any_timm(name: str, **kw) -> Encoder:

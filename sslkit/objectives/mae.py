@@ -344,7 +344,7 @@ class MAE(Objective):
         """imgs (B, C, H, W) -> latent (B, 1+K, D) (cls + visible), mask (B, L), ids_restore (B, L)."""
         gh, gw = self.grid_of(imgs)
         ids_keep, mask, ids_restore = random_masking(imgs.shape[0], gh * gw, mask_ratio, imgs.device)
-        cls, visible = self.encoder.forward_tokens(imgs, keep=ids_keep)  # (B, D), (B, K, D)
+        cls, _, visible = self.encoder.forward_tokens(imgs, keep=ids_keep)  # (B, D), registers, (B, K, D)
         latent = torch.cat([cls.unsqueeze(1), visible], dim=1)  # (B, 1+K, D)
         return latent, mask, ids_restore
 
