@@ -80,7 +80,10 @@ class Encoder(nn.Module):
         """(B, 3, H, W) -> (B, dim)."""
         if not self.is_vit:
             return self.model(x)
-        tokens = self.forward_tokens(x)
+        return self.pool_tokens(self.forward_tokens(x))
+
+    def pool_tokens(self, tokens: Tokens) -> torch.Tensor:
+        """The pooled feature (B, dim) of a ViT's tokens: the class token, or the mean patch token (``pool``)."""
         return tokens.cls if self.pool == "token" else tokens.patches.mean(dim=1)
 
     def forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None,

@@ -45,17 +45,32 @@ def dino_loss(teacher_out: Sequence[torch.Tensor] | torch.Tensor, student_out: S
         >>> loss = dino_loss(t, s, center=torch.zeros(256), teacher_temp=0.04)
     """
     t = _stack(teacher_out)  # (T, B, K)
-    s = _stack(student_out)  # (S, B, K)
-    if t.shape[1:] != s.shape[1:]:
-        raise ValueError(f"teacher {tuple(t.shape)} and student {tuple(s.shape)} outputs differ in (B, K)")
     with torch.autocast(t.device.type, enabled=False):  # fp32 even under bf16 autocast: sums over K terms
         t_prob = F.softmax((t - center.reshape(1, 1, -1).float()) / teacher_temp, dim=-1)  # (T, B, K)
+    return dino_loss_from_probs(t_prob, student_out, student_temp)
+
+
+def dino_loss_from_probs(teacher_probs: Sequence[torch.Tensor] | torch.Tensor,
+                         student_out: Sequence[torch.Tensor] | torch.Tensor, student_temp: float = 0.1) -> torch.Tensor:
+    """:func:`dino_loss` with the teacher's target distributions given (centred and sharpened, or balanced by
+    Sinkhorn-Knopp as in DINOv2): ``sum_{i != j} mean_b -<p_i, log_softmax(s_j/tau_s)> / n_pairs``.
+
+    Args:
+        teacher_probs: T tensors (B, K) or a stack (T, B, K), rows summing to 1.
+        student_out: S tensors (B, K) or a stack (S, B, K): student head outputs of all crops, globals first.
+        student_temp: temperature of the student softmax (0.1 in the paper).
+    """
+    t_prob = _stack(teacher_probs)  # (T, B, K)
+    s = _stack(student_out)  # (S, B, K)
+    if t_prob.shape[1:] != s.shape[1:]:
+        raise ValueError(f"teacher {tuple(t_prob.shape)} and student {tuple(s.shape)} outputs differ in (B, K)")
+    with torch.autocast(s.device.type, enabled=False):
         s_logp = F.log_softmax(s / student_temp, dim=-1)  # (S, B, K)
-        ce = -torch.einsum("tbk,sbk->ts", t_prob, s_logp) / t.shape[1]  # (T, S): batch-mean CE per pair
+        ce = -torch.einsum("tbk,sbk->ts", t_prob, s_logp) / t_prob.shape[1]  # (T, S): batch-mean CE per pair
     same_view = torch.eye(*ce.shape, dtype=torch.bool, device=ce.device)  # teacher view i is student view i
     n_pairs = ce.shape[0] * ce.shape[1] - min(ce.shape)  # from shapes: no host sync, no torch.compile graph break
     if n_pairs == 0:
-        raise ValueError(f"dino_loss needs at least one pair of different views; got {t.shape[0]} teacher and "
+        raise ValueError(f"dino_loss needs at least one pair of different views; got {t_prob.shape[0]} teacher and "
                          f"{s.shape[0]} student view(s)")
     return ce.masked_fill(same_view, 0.0).sum() / n_pairs
 

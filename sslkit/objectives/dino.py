@@ -21,7 +21,7 @@ teacher and the center) continues exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,7 +29,9 @@ from torch import nn
 from sslkit.encoders import Encoder
 from sslkit.heads import DINOHead, MomentumTeacher
 from sslkit.heads.momentum import cosine_momentum
-from sslkit.losses.dino import batch_center, dino_loss, teacher_entropy, update_center
+from sslkit.losses.dino import batch_center, dino_loss, dino_loss_from_probs, teacher_entropy, update_center
+from sslkit.losses.ibot import ibot_patch_loss_masked, ibot_teacher_probs
+from sslkit.losses.sinkhorn import sinkhorn_knopp
 from sslkit.objectives.base import Objective, Views
 from sslkit.registry import OBJECTIVES
 
@@ -125,6 +127,18 @@ class DINOConfig:
     # of each global crop: -mean log(distance to the nearest other image in the batch) of the L2-normalised
     # features, which spreads them evenly and helps nearest-neighbour retrieval. DINOv2 uses 0.1; 0 = off.
     koleo_weight: float = 0.0
+    # Teacher targets: "center" (DINO: subtract a running mean, then sharpen) or "sinkhorn_knopp" (DINOv2:
+    # balanced assignments over the global batch, `sinkhorn_iterations` normalisations).
+    centering: str = "center"
+    sinkhorn_iterations: int = 3
+    # iBOT's masked-patch loss (Zhou et al. 2022; DINOv2): a share `ibot_mask_probability` of the student's global
+    # crops has blocks of patches (a share drawn from `ibot_mask_ratio`) replaced by the mask token, and the
+    # student's patch outputs there match the teacher's on the unmasked crop. Weight 0 = off (DINOv2: 1.0).
+    # Needs a ViT encoder.
+    ibot_weight: float = 0.0
+    ibot_mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    ibot_mask_probability: float = 0.5
+    ibot_separate_head: bool = False  # a head of its own for the patch tokens (DINOv2 ViT-g) or DINO's head
 
 
 @OBJECTIVES.register("dino", config=DINOConfig,
@@ -155,6 +169,15 @@ class DINO(Objective):
         self.head = DINOHead(encoder.dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
                              cfg.head_layers, cfg.head_use_bn, cfg.norm_last_layer)
         # Teacher: same architecture and initial weights; updated only by EMA, never by gradients.
+        if cfg.ibot_weight > 0:
+            if not getattr(encoder, "is_vit", False):
+                raise ValueError("objective.ibot_weight > 0 masks patch tokens and needs a ViT encoder")
+            encoder.enable_mask_token()
+            if cfg.ibot_separate_head:
+                self.ibot_head = DINOHead(encoder.dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                                          cfg.head_layers, cfg.head_use_bn, cfg.norm_last_layer)
+            self.register_buffer("patch_center", torch.zeros(1, cfg.out_dim))  # iBOT's own center
+        # Teacher: same architecture and initial weights; updated only by EMA, never by gradients.
         self.teacher = MomentumTeacher(self.students(), cfg.momentum_teacher, cfg.momentum_teacher_end,
                                        stochastic_depth=cfg.teacher_stochastic_depth)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # (1, K), in state_dict for exact resume
@@ -180,7 +203,15 @@ class DINO(Objective):
 
     def students(self) -> dict[str, nn.Module]:
         """The modules the teacher averages, by the teacher's names for them."""
-        return {"encoder": self.encoder, "head": self.head}
+        extra = {"ibot_head": self.ibot_head} if hasattr(self, "ibot_head") else {}
+        return {"encoder": self.encoder, "head": self.head, **extra}
+
+    def teacher_probs(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+        """Teacher targets (..., K) -> distributions: centred and sharpened, or Sinkhorn-Knopp balanced."""
+        if self.cfg.centering == "sinkhorn_knopp":
+            flat = logits.reshape(-1, logits.shape[-1])
+            return sinkhorn_knopp(flat, temp, self.cfg.sinkhorn_iterations).reshape(logits.shape)
+        return ibot_teacher_probs(logits, center, temp)
 
     # ----- training step
 
@@ -189,19 +220,60 @@ class DINO(Objective):
         if len(views) < n_global or len(size_groups(views[:n_global])) != 1:
             raise ValueError(f"DINO expects {n_global} same-size global views first, got sizes "
                              f"{[tuple(v.shape[-2:]) for v in views]}. Use augment.name=multicrop.")
+        if self.cfg.ibot_weight > 0:
+            return self.forward_ibot(views, step)
         with torch.no_grad():
             t_out = multicrop_forward(self.teacher["encoder"], self.teacher["head"], views[:n_global])  # (2, B, K)
         s_out, s_feats = multicrop_forward(self.encoder, self.head, views, return_features=True)  # (V, B, K)
         temp = self.teacher_temp(step)
-        loss = dino_loss(t_out, s_out, self.center, temp, self.cfg.student_temp)
+        if self.cfg.centering == "sinkhorn_knopp":
+            loss = dino_loss_from_probs(self.teacher_probs(t_out, self.center, temp), s_out, self.cfg.student_temp)
+        else:
+            loss = dino_loss(t_out, s_out, self.center, temp, self.cfg.student_temp)
+        return self._finish(loss, t_out, s_feats[:n_global], step, temp)
+
+    def forward_ibot(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """DINO on the class tokens plus iBOT on masked patch tokens of the global crops (DINOv2's recipe)."""
+        from sslkit.augment.masking import block_masks
+
+        n, c = self.cfg.num_global_views, self.cfg
+        B = views[0].shape[0]
+        xg = torch.cat(views[:n], dim=0)  # (n B, 3, H, W)
+        grid = self.encoder.patch_grid(*xg.shape[-2:])
+        masks = block_masks(n * B, grid, tuple(c.ibot_mask_ratio), c.ibot_mask_probability).to(xg.device)  # (nB, L)
+        t_enc = self.teacher["encoder"]
+        s_ibot = getattr(self, "ibot_head", self.head)
+        t_ibot = self.teacher["ibot_head"] if "ibot_head" in self.teacher else self.teacher["head"]
+        with torch.no_grad():
+            t_tok = t_enc.forward_tokens(xg)  # the teacher sees the crops unmasked
+            t_out = self.teacher["head"](t_enc.pool_tokens(t_tok)).reshape(n, B, -1)  # (n, B, K)
+            t_patch = t_ibot(t_tok.patches[masks])  # (M, K): the teacher's view of the masked patches
+        s_tok = self.encoder.forward_tokens(xg, mask=masks)
+        s_feats = self.encoder.pool_tokens(s_tok)  # (n B, D)
+        s_out = [self.head(s_feats).reshape(n, B, -1)]
+        if len(views) > n:
+            s_out.append(multicrop_forward(self.encoder, self.head, views[n:]))  # (V - n, B, K)
+        s_patch = s_ibot(s_tok.patches[masks])  # (M, K)
+        temp = self.teacher_temp(step)
+        loss = dino_loss_from_probs(self.teacher_probs(t_out, self.center, temp), torch.cat(s_out), c.student_temp)
+        ibot = ibot_patch_loss_masked(self.teacher_probs(t_patch, self.patch_center, temp), s_patch, masks,
+                                      c.student_temp)
+        if self.training and c.centering == "center":
+            self.patch_center.copy_(update_center(self.patch_center, t_patch.unsqueeze(0), c.center_momentum))
+        out = self._finish(loss + c.ibot_weight * ibot, t_out, s_feats.reshape(n, B, -1), step, temp)
+        return {**out, "ibot": ibot.detach(), "masked_share": masks.float().mean()}
+
+    def _finish(self, loss: torch.Tensor, t_out: torch.Tensor, global_feats: torch.Tensor, step: int,
+                temp: float) -> dict[str, torch.Tensor]:
+        """Center update, KoLeo and the scalars to log, shared by both forward paths."""
         entropy = teacher_entropy(t_out, self.center, temp)
-        if self.training:  # after the loss: this step used the previous center (as in the paper)
+        if self.training and self.cfg.centering == "center":  # after the loss: this step used the previous center
             self.center.copy_(update_center(self.center, t_out, self.cfg.center_momentum))
         scalar = lambda x: torch.tensor(x, device=loss.device)  # noqa: E731
         out = {"teacher_temp": scalar(temp), "teacher_momentum": scalar(self.momentum(step)),
                "teacher_entropy": entropy}
         if self.cfg.koleo_weight > 0:
-            koleo = sum(self.koleo(f.float()) for f in s_feats[:n_global])  # per global crop, as in DINOv2
+            koleo = sum(self.koleo(f.float()) for f in global_feats)  # per global crop, as in DINOv2
             out["koleo"] = koleo.detach()
             loss = loss + self.cfg.koleo_weight * koleo
         return {"loss": loss, **out}
@@ -226,6 +298,14 @@ def _validate(cfg: DINOConfig) -> None:
     for k, v in positive.items():
         if v <= 0:
             raise ValueError(f"objective.{k} must be > 0, got {v}")
+    if cfg.centering not in ("center", "sinkhorn_knopp"):
+        raise ValueError(f"objective.centering must be 'center' or 'sinkhorn_knopp', got {cfg.centering!r}")
+    if cfg.sinkhorn_iterations < 1 or cfg.ibot_weight < 0 or not 0 <= cfg.ibot_mask_probability <= 1:
+        raise ValueError("objective.sinkhorn_iterations must be >= 1, ibot_weight >= 0 and ibot_mask_probability "
+                         "in [0, 1]")
+    lo, hi = (list(cfg.ibot_mask_ratio) + [None, None])[:2]
+    if len(cfg.ibot_mask_ratio) != 2 or not 0 <= lo <= hi < 1:
+        raise ValueError(f"objective.ibot_mask_ratio must be [lo, hi] with 0 <= lo <= hi < 1, got {cfg.ibot_mask_ratio}")
     if cfg.freeze_last_layer_unit not in FREEZE_UNITS:
         raise ValueError(f"objective.freeze_last_layer_unit must be one of {FREEZE_UNITS}, "
                          f"got {cfg.freeze_last_layer_unit!r}")
