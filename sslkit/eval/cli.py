@@ -176,7 +176,7 @@ def _run(kind: str, args: argparse.Namespace, kw: dict[str, Any],
             paths.append(res["results_path"])
             settings = res.get("settings", {})
     except (RunError, DataError, EvalError, RegistryError, retrieval_mod.IndexSpecError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"sslkit: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(format_table(columns))
     if legend is not None:
