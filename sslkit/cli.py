@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from sslkit import __version__
+from sslkit.registry import error_line
 
 
 class CLIError(Exception):
@@ -47,6 +48,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.dry_run:
         from omegaconf import OmegaConf
 
+        from sslkit.engine.loop import preflight
+
+        preflight(cfg)  # the dataset, views and model are checked too; nothing is written
         print(OmegaConf.to_yaml(cfg))
         return 0
     train(cfg, stop_at_step=args.stop_at_step)
@@ -101,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="checkpoint and stop at this global step without changing the schedules")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the recipe, its dataset, views and model (built without memory), print the resolved "
+                        "recipe and exit; nothing is written")
     p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("list", help="list registered encoders, augmentations, objectives, datasets and recipes")
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, ConfigError, DataError, RegistryError, RunError) as e:
-        print(f"sslkit: error: {e}", file=sys.stderr)
+        print(f"sslkit: error: {error_line(e)}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         print(f"sslkit: {e}", file=sys.stderr)

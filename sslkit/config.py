@@ -285,11 +285,35 @@ def _check_pipeline(cfg: DictConfig) -> None:
     encoder = encoder_facts(cfg)
     patch = getattr(encoder, "patch_size", None)
     for size in sizes:
-        if size <= 0:
-            raise ConfigError(f"recipe section 'augment': view size {size} must be positive.")
+        if not 0 < size <= MAX_VIEW_SIZE:
+            raise ConfigError(f"recipe section 'augment': view size {size} must be positive and at most "
+                              f"{MAX_VIEW_SIZE} pixels.")
         if patch and size % patch:
             raise ConfigError(f"recipe section 'augment': view size {size} is not divisible by the encoder's patch "
                               f"size {patch} ({cfg.encoder.name}); use a multiple of {patch}.")
+
+
+# (lower bound, upper bound or None, lower bound allowed, null allowed): every number of the fixed sections.
+# Upper bounds catch sizes no machine runs (a typo), so they fail here and not as an out-of-memory hours later.
+RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
+    "data.batch_size": (0, 1_000_000, False, False), "data.num_workers": (0, 1024, True, False),
+    "data.subset": (0, None, False, True),
+    "optim.lr": (0, 1e3, False, False), "optim.min_lr": (0, 1e3, True, False),
+    "optim.warmup_epochs": (0, 1e6, True, False), "optim.weight_decay": (0, 1e3, True, False),
+    "optim.weight_decay_end": (0, 1e3, True, True), "optim.momentum": (0, 1, True, False),
+    "optim.clip_grad": (0, None, False, True),
+    "trainer.epochs": (0, 1e7, False, False), "trainer.max_steps": (0, None, False, True),
+    "trainer.time_budget_minutes": (0, 1e7, False, True), "trainer.budget_calibration_steps": (1, 1e6, True, False),
+    "trainer.num_nodes": (0, 100_000, False, False), "trainer.checkpoint_every_steps": (0, None, True, False),
+    "trainer.log_every_steps": (1, None, True, False), "trainer.threads": (0, 4096, False, True),
+    "trainer.skip_nonfinite_steps": (0, None, True, False), "trainer.progress_every_seconds": (0, 1e7, True, False),
+    "eval.knn_every": (0, None, True, False), "eval.knn_k": (0, 1_000_000, False, False),
+    "eval.knn_temperature": (0, 1e3, False, False), "eval.knn_whiten": (0, 1_000_000, False, True),
+    "eval.knn_train_subset": (0, None, False, True), "eval.knn_test_subset": (0, None, False, True),
+    "eval.monitor_train_subset": (0, None, False, True), "eval.monitor_test_subset": (0, None, False, True),
+    "eval.image_size": (0, 8192, False, True), "eval.batch_size": (0, 65536, False, False),
+}
+MAX_VIEW_SIZE = 8192
 
 
 def check_run_name(name: object) -> None:
@@ -315,22 +339,24 @@ def _cross_checks(cfg: DictConfig) -> None:
     if cfg.data.name not in DATASETS:
         raise ConfigError(f"recipe key 'data.name': unknown dataset {cfg.data.name!r}. "
                           f"Valid datasets: {', '.join(DATASETS.names())}.")
-    positive = {"data.batch_size": cfg.data.batch_size, "trainer.epochs": cfg.trainer.epochs,
-                "trainer.num_nodes": cfg.trainer.num_nodes, "eval.knn_k": cfg.eval.knn_k}
-    for k, v in positive.items():
-        if v is None or v <= 0:
-            raise ConfigError(f"recipe key '{k}' must be positive, got {v}.")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"recipe key 'data.num_workers' must be >= 0, got {cfg.data.num_workers}.")
-    for key, v, off in (("trainer.time_budget_minutes", cfg.trainer.time_budget_minutes, "no budget"),
-                        ("eval.knn_whiten", cfg.eval.knn_whiten, "no whitening")):
-        if v is not None and not v > 0:
-            raise ConfigError(f"recipe key '{key}' must be positive (or null for {off}), got {v}.")
-    if cfg.trainer.budget_calibration_steps < 1:
-        raise ConfigError(f"recipe key 'trainer.budget_calibration_steps' must be >= 1, "
-                          f"got {cfg.trainer.budget_calibration_steps}.")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"recipe key 'optim.lr' must be positive, got {cfg.optim.lr}.")
+    for key, (lo, hi, inclusive, nullable) in RANGES.items():
+        section, field_name = key.split(".")
+        v = cfg[section][field_name]
+        if v is None and nullable:
+            continue
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and (v >= lo if inclusive else v > lo) and \
+            (hi is None or v <= hi)
+        if not ok:
+            bound = ("positive" if lo == 0 and not inclusive else f"{'>=' if inclusive else '>'} {lo}") + (
+                f" and at most {hi:g}" if hi is not None else "")
+            raise ConfigError(f"recipe key '{key}' must be {bound}{' (or null)' if nullable else ''}, got {v}.")
+    if not (isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32):
+        raise ConfigError(f"recipe key 'seed' must be an integer in [0, 2**32), got {cfg.seed}.")
+    devices = cfg.trainer.devices
+    if not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and 0 < devices <= 4096)):
+        raise ConfigError(f"recipe key 'trainer.devices' must be a positive number of devices or 'auto', got {devices}.")
+    if any(not 0 <= b < 1 for b in cfg.optim.betas) or len(cfg.optim.betas) != 2:
+        raise ConfigError(f"recipe key 'optim.betas' must be two numbers in [0, 1), got {list(cfg.optim.betas)}.")
     choices = {"optim.name": (cfg.optim.name, ("adamw", "sgd", "lars")),
                "optim.lr_scaling": (cfg.optim.lr_scaling, ("linear", "sqrt", "none")),
                "optim.clip_mode": (cfg.optim.clip_mode, ("norm", "per_param")),

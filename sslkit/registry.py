@@ -22,6 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+MAX_ERROR_CHARS = 2000
+
+
+def error_line(error: BaseException | str) -> str:
+    """A user error as the one line the CLI prints: its first non-empty line (a wrapped library error may carry a
+    native stack trace below it), at most ``MAX_ERROR_CHARS`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
+
 
 class RegistryError(KeyError):
     """Unknown name or bad arguments for a registered factory."""

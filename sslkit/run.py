@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sslkit.plugins import load_all
-from sslkit.registry import ENCODERS
+from sslkit.registry import ENCODERS, error_line
 
 
 class RunError(RuntimeError):
@@ -201,7 +201,14 @@ def load_encoder(run_dir: str | os.PathLike, map_location: str | torch.device = 
         raise RunError(f"{d} has no encoder.safetensors: the run has not finished. Resume it with "
                        f"`sslkit pretrain {d / 'config.yaml'} --resume {d}`, or evaluate a finished run.")
     enc = build_encoder(cfg, for_eval=True)
-    load_state_strict(enc, load_file(str(weights), device=str(map_location)), str(weights))
+    if weights.is_symlink():
+        raise RunError(f"{weights} is a symbolic link; sslkit loads a run's weights only from the run's own file.")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated or foreign file
+        raise RunError(f"{weights} is not a readable safetensors file ({error_line(e)}); it may be truncated or "
+                       f"replaced. Re-export it by resuming the run (`sslkit pretrain --resume {d}`) or retrain.") from None
+    load_state_strict(enc, state, str(weights))
     return enc.eval(), cfg
 
 

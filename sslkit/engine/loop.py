@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -204,17 +205,13 @@ def json_bytes(obj: dict) -> bytes:
     return json.dumps(obj, indent=2).encode()
 
 
-def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step: int | None = None) -> TrainResult:
-    """Pretrain with the resolved recipe ``cfg``; returns where the run went and what it measured.
+MAX_PARAMETERS = 20_000_000_000  # a recipe whose model is larger is a typo (ViT-22B has 22e9), not a model
 
-    Args:
-        cfg: a recipe from :func:`sslkit.config.load_recipe` (already validated).
-        resume: a run directory (or its checkpoint) to continue; its ``config.yaml`` must match ``cfg``
-            except for ``trainer`` and ``eval`` settings.
-        stop_at_step: stop (after checkpointing) once this global step is reached, without changing the
-            schedules; used to test resumption and to split long jobs.
-    """
-    # Everything that can fail on bad input is built before anything is written.
+
+def preflight(cfg: DictConfig) -> tuple[Any, Any]:
+    """Build and check what a run needs from the recipe, writing nothing: the dataset (is there a full batch?), the
+    view pipeline and the objective, built on the meta device (shapes only: no memory, so a huge width is
+    reported, not allocated). Bad input raises :class:`ConfigError` (or the dataset's ``DataError``)."""
     load_all()
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
@@ -229,11 +226,32 @@ def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step
                           f"{len(dataset)} training images, so not one step fits in an epoch. Lower data.batch_size "
                           "or use more data (data.subset).")
     pipeline = build_pipeline(cfg)
+    what = f"recipe sections 'encoder'/'objective' ({cfg.encoder.name}, {cfg.objective.name})"
     try:
-        build_objective(cfg)  # fail fast on encoder/objective arguments, before anything is written
+        with torch.device("meta"):
+            objective = build_objective(cfg)
     except (ValueError, TypeError, AssertionError) as e:
-        raise ConfigError(f"recipe sections 'encoder'/'objective' ({cfg.encoder.name}, {cfg.objective.name}): "
-                          f"{e}") from None
+        raise ConfigError(f"{what}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a negative width inside timm: still the recipe's values
+        raise ConfigError(f"{what} cannot be built: {type(e).__name__}: {str(e).splitlines()[0][:200]}. Check "
+                          "their sizes.") from None
+    n = sum(p.numel() for p in objective.parameters())
+    if n > MAX_PARAMETERS:
+        raise ConfigError(f"{what}: the model would have {n:,} parameters; check the widths in the recipe.")
+    return dataset, pipeline
+
+
+def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step: int | None = None) -> TrainResult:
+    """Pretrain with the resolved recipe ``cfg``; returns where the run went and what it measured.
+
+    Args:
+        cfg: a recipe from :func:`sslkit.config.load_recipe` (already validated).
+        resume: a run directory (or its checkpoint) to continue; its ``config.yaml`` must match ``cfg``
+            except for ``trainer`` and ``eval`` settings.
+        stop_at_step: stop (after checkpointing) once this global step is reached, without changing the
+            schedules; used to test resumption and to split long jobs.
+    """
+    dataset, pipeline = preflight(cfg)  # everything that can fail on bad input, before anything is written
 
     ckpt = None
     if resume is not None:

@@ -16,6 +16,7 @@ from typing import Any
 from sslkit.eval import knn as knn_mod
 from sslkit.eval import linear as linear_mod
 from sslkit.eval import retrieval as retrieval_mod
+from sslkit.registry import error_line
 
 BASELINE_CHOICES = ("none", "pixels", "random", "all")
 EXIT_USAGE = 2
@@ -176,7 +177,7 @@ def _run(kind: str, args: argparse.Namespace, kw: dict[str, Any],
             paths.append(res["results_path"])
             settings = res.get("settings", {})
     except (RunError, DataError, EvalError, RegistryError, retrieval_mod.IndexSpecError) as e:
-        print(f"sslkit: error: {e}", file=sys.stderr)
+        print(f"sslkit: error: {error_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     print(format_table(columns))
     if legend is not None:

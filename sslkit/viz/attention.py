@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslkit.augment.base import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from sslkit.registry import error_line
 
 NOT_A_VIT = "attention maps need a ViT encoder"
 PANEL_INCHES = 2.0  # size of one panel in the figure
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         _vit_model(encoder)
     except TypeError as e:
-        print(f"sslkit: error: {e}", file=sys.stderr)
+        print(f"sslkit: error: {error_line(e)}", file=sys.stderr)
         return 2
     encoder = encoder.to(args.device).eval()
     size = args.image_size or eval_image_size(cfg)
