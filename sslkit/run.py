@@ -72,6 +72,17 @@ def open_no_follow(path: Path, mode: str = "a") -> Any:
     return os.fdopen(fd, mode, encoding="utf-8")
 
 
+def save_figure_png(fig, path: Path, dpi: int, **kwargs: Any) -> Path:  # noqa: ANN001 - a matplotlib Figure
+    """Render ``fig`` as PNG and write it atomically: a reader sees the old picture or the new one, and a link
+    planted at ``path`` is replaced, never followed."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, **kwargs)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
 def save_encoder(encoder: torch.nn.Module, path: Path) -> None:
     """Export encoder weights as safetensors (atomically)."""
     from safetensors.torch import save

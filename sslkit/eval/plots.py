@@ -42,14 +42,10 @@ def _to_hwc(img: torch.Tensor) -> np.ndarray:
 
 def _save(fig, path: Path) -> Path:  # noqa: ANN001
     """Save atomically (a reader sees the old picture or the new one)."""
-    import io
+    from sslkit.run import save_figure_png
 
-    from sslkit.run import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    save_figure_png(fig, Path(path), DPI, bbox_inches="tight")
     _plt().close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
 
 

@@ -137,8 +137,9 @@ def save_figure(image: torch.Tensor, maps: torch.Tensor, path: Path, title: str 
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    from sslkit.run import save_figure_png
+
+    save_figure_png(fig, path, 100)
     plt.close(fig)
     return path
 

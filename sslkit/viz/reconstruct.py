@@ -132,10 +132,9 @@ def save_grid(panels: torch.Tensor, path: str | os.PathLike, titles: Sequence[st
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(titles[j], fontsize=8)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
-    return out
+    from sslkit.run import save_figure_png
+
+    return save_figure_png(fig, Path(path), DPI)
 
 
 def sample_images(cfg: DictConfig, split: str, num: int, seed: int) -> torch.Tensor:

@@ -18,16 +18,9 @@ from hypothesis import strategies as st
 from sslkit import config as config_mod
 from sslkit.cli import main
 from sslkit.objectives.simclr import SimCLRConfig
+from tests.faults import test_bad_recipes as bad_recipes
 
-BASE = {
-    "name": "fuzz",
-    "data": {"name": "synthetic", "args": {"num_samples": 32, "image_size": 32}, "batch_size": 8, "num_workers": 0},
-    "augment": {"name": "simclr", "image_size": 32},
-    "encoder": {"name": "vit_tiny_patch4_32", "depth": 1, "embed_dim": 32, "num_heads": 2},
-    "objective": {"name": "simclr"},
-    "trainer": {"epochs": 1},
-    "eval": {"final_knn": False},
-}
+BASE = {**copy.deepcopy(bad_recipes.BASE), "name": "fuzz"}  # a tiny valid recipe
 SECTIONS = {"data": config_mod.DataConfig, "optim": config_mod.OptimConfig, "trainer": config_mod.TrainerConfig,
             "eval": config_mod.EvalConfig, "objective": SimCLRConfig}
 FIELDS = [(s, f.name) for s, dc in SECTIONS.items() for f in dataclasses.fields(dc) if f.name != "name"]
