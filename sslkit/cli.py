@@ -124,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("eval", help="evaluate frozen features: knn, linear, retrieval, copy")
         eval_cli.add_subcommands(p.add_subparsers(dest="eval_command", metavar="EVAL", required=True))
 
-    p = sub.add_parser("viz", help="pictures: DINO attention maps, MAE reconstructions")
+    p = sub.add_parser("viz", help="pictures: DINO attention maps, PCA patch maps, MAE reconstructions")
     vsub = p.add_subparsers(dest="viz_command", metavar="VIZ", required=True)
     _add_optional_module(vsub, "attention", "sslkit.viz.attention", "last-block CLS attention per head (ViT)")
     _add_optional_module(vsub, "reconstruct", "sslkit.viz.reconstruct", "MAE reconstructions grid")
+    _add_optional_module(vsub, "pca", "sslkit.viz.pca", "DINOv2-style PCA maps of patch features, with attention")
     return parser
 
 

@@ -125,10 +125,19 @@ class Encoder(nn.Module):
         return Tokens(t[:, 0], t[:, p - self.num_registers:p], t[:, p:])
 
     def patch_grid(self, height: int, width: int | None = None) -> tuple[int, int]:
-        """(h, w) of the patch grid for an input of this size (ViTs: patches; CNNs: the last feature map)."""
+        """(h, w) of the patch grid for an input of this size: ViT patches, or the CNN's last feature map (whose size
+        padding can round up, so it is measured, once per input size)."""
         width = height if width is None else width
-        stride = self.patch_size or self.feature_stride
-        return height // stride, width // stride
+        if self.patch_size is not None:
+            return height // self.patch_size, width // self.patch_size
+        cache = self.__dict__.setdefault("_grids", {})
+        if (height, width) not in cache:
+            param = next(self.model.parameters())
+            with torch.no_grad():
+                fmap = self.model.forward_features(torch.zeros(1, 3, height, width, device=param.device,
+                                                               dtype=param.dtype))
+            cache[(height, width)] = (int(fmap.shape[-2]), int(fmap.shape[-1]))
+        return cache[(height, width)]
 
     @property
     def feature_stride(self) -> int:

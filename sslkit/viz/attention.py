@@ -115,7 +115,9 @@ def denormalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 
 
 def save_figure(image: torch.Tensor, maps: torch.Tensor, path: Path, title: str = "") -> Path:
-    """One row: the input image, then one attention heat map per head (upsampled by nearest neighbour).
+    """One row: the input image, one attention heat map per head (upsampled by nearest neighbour), then DINO's
+    thresholded map: the patches holding 60% of the mean attention's mass (:func:`sslkit.viz.dense.mass_mask`)
+    over the image.
 
     Args:
         image: (3, H, W) in [0, 1].
@@ -123,17 +125,22 @@ def save_figure(image: torch.Tensor, maps: torch.Tensor, path: Path, title: str 
     """
     import matplotlib
 
+    from sslkit.viz.dense import DINO_MASS, mass_mask, upsample_mask
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     heads = maps.shape[0]
     up = F.interpolate(maps[None].float(), size=image.shape[-2:], mode="nearest")[0]  # (heads, H, W)
-    fig, axes = plt.subplots(1, heads + 1, figsize=(PANEL_INCHES * (heads + 1), PANEL_INCHES + 0.4))
+    kept = upsample_mask(mass_mask(maps.float().mean(dim=0, keepdim=True)), tuple(image.shape[-2:]))[0]  # (H, W)
+    fig, axes = plt.subplots(1, heads + 2, figsize=(PANEL_INCHES * (heads + 2), PANEL_INCHES + 0.4))
     axes[0].imshow(image.permute(1, 2, 0).numpy())
     axes[0].set_title(title or "input", fontsize=8)
     for i in range(heads):
         axes[i + 1].imshow(up[i].numpy(), cmap=COLORMAP)
         axes[i + 1].set_title(f"head {i}", fontsize=8)
+    axes[-1].imshow((image * (0.25 + 0.75 * kept.float())).permute(1, 2, 0).numpy())
+    axes[-1].set_title(f"{DINO_MASS:.0%} of the attention", fontsize=8)
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
