@@ -39,7 +39,7 @@ from sslkit.engine.monitor import KNNMonitor, knn_line
 from sslkit.engine.precision import make_fabric, resolve_precision
 from sslkit.engine.rundir import claim_run_dir, link_latest
 from sslkit.engine.schedules import Schedules
-from sslkit.engine.signals import SignalCheckpoint, ignore_stop_signals
+from sslkit.engine.signals import SignalCheckpoint, ignore_interrupts
 from sslkit.engine.state import TrainState
 from sslkit.plugins import load_all
 from sslkit.run import RunError, atomic_write_bytes, build_dataset, load_state_strict, read_config
@@ -156,7 +156,7 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
         ViewDataset(dataset, None if batched else pipeline), batch_sampler=sampler, num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0, pin_memory=fabric.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG out of worker seeding
-        worker_init_fn=ignore_stop_signals if cfg.data.num_workers > 0 else None,
+        worker_init_fn=ignore_interrupts if cfg.data.num_workers > 0 else None,
     )
     callbacks = [c for c in (budget, Progress(cfg.trainer.progress_every_seconds, terminal=cfg.trainer.progress),
                              MetricsLogger(), Checkpointer(cfg.trainer.checkpoint_every_steps),

@@ -19,11 +19,11 @@ if TYPE_CHECKING:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT / SIGTERM, so a Ctrl-C sent to the whole process group
-    reaches the main process's handler without killing the workers under the step in progress."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+def ignore_interrupts(_worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT, so a Ctrl-C sent to the whole process group reaches the
+    main process's handler without killing the workers under the step in progress. SIGTERM keeps its default:
+    Python's exit stops daemonic workers with it, and a worker that ignored it would hang the exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TrainingInterrupted(Exception):
