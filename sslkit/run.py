@@ -102,7 +102,20 @@ def resolve_run_dir(path: str | os.PathLike) -> Path:
     p = p.resolve()
     if not (p / "config.yaml").is_file():
         raise RunError(f"{p} is not a run directory: it has no config.yaml.")
+    refuse_linked_dirs(p)
     return p
+
+
+RUN_SUBDIRS = ("checkpoints", "tb", "features", "eval", "pca", "attention")
+
+
+def refuse_linked_dirs(run_dir: Path) -> None:
+    """The folders sslkit writes into inside a run directory must be real folders: a symbolic link planted there
+    would redirect checkpoints, logs, caches or results elsewhere."""
+    for name in RUN_SUBDIRS:
+        if (Path(run_dir) / name).is_symlink():
+            raise RunError(f"{Path(run_dir) / name} is a symbolic link; sslkit writes into a run's own folders only. "
+                           "Replace the link with a folder (or remove it).")
 
 
 def refuse_interpolation(data: Any, where: str, key: str = "") -> None:

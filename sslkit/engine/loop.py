@@ -42,7 +42,14 @@ from sslkit.engine.schedules import Schedules
 from sslkit.engine.signals import SignalCheckpoint, ignore_interrupts
 from sslkit.engine.state import TrainState
 from sslkit.plugins import load_all
-from sslkit.run import RunError, atomic_write_bytes, build_dataset, load_state_strict, read_config
+from sslkit.run import (
+    RunError,
+    atomic_write_bytes,
+    build_dataset,
+    load_state_strict,
+    read_config,
+    refuse_linked_dirs,
+)
 
 RUN_DIR_ENV = "SSLKIT_RUN_DIR"  # lets DDP children started by the launcher agree on the run directory
 
@@ -258,6 +265,7 @@ def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step
         run_dir = Path(resume)
         if run_dir.is_file():
             run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+        refuse_linked_dirs(run_dir)
         ckpt_path = run_dir / "checkpoints" / "last.ckpt"
         ckpt = load_checkpoint(ckpt_path)
         check_resume_config(cfg, read_config(ckpt["config_yaml"], f"the recipe inside {ckpt_path}"), ckpt_path)

@@ -103,6 +103,9 @@ TAMPER = {
     "truncated_checkpoint": lambda d: (d / "checkpoints" / "last.ckpt").write_bytes(
         (d / "checkpoints" / "last.ckpt").read_bytes()[:200]),
     "missing_checkpoint": lambda d: (d / "checkpoints" / "last.ckpt").unlink(),
+    "linked_checkpoints_dir": lambda d: (shutil.move(d / "checkpoints", d.parent / "elsewhere"),
+                                         (d / "checkpoints").symlink_to(d.parent / "elsewhere")),
+    "linked_features_dir": lambda d: ((d.parent / "cache").mkdir(), (d / "features").symlink_to(d.parent / "cache")),
 }
 VERBS = {"eval": ["eval", "knn", "{run}", "--no-progress", "--no-plots"], "resume": ["pretrain", "--resume", "{run}"],
          "reconstruct": ["viz", "reconstruct", "{run}", "--out", "{run}/recon.png"]}
@@ -121,6 +124,10 @@ def test_tampered_run_directories_are_one_clear_error(tmp_path, capsys, finished
     assert "Traceback" not in err
     if code != 0:  # some tampering does not concern a verb (resume reads no encoder.safetensors)
         assert code == 2 and err.startswith("sslkit: error: ") and err.count("\n") == 1, (tamper, verb, err)
+    if tamper == "linked_features_dir" and verb == "eval" or tamper == "linked_checkpoints_dir" and verb == "resume":
+        assert code == 2 and "symbolic link" in err, err
+    if tamper == "linked_features_dir":
+        assert list((tmp_path / "cache").iterdir()) == [], "nothing was written through the link"
     if verb != "resume" or code == 2:
         after = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and not p.is_symlink()}
         assert all(after.get(p) == t for p, t in before.items()), "no file of the run was changed"
