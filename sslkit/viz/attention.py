@@ -185,16 +185,21 @@ def _file_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="run directory (or its -latest link) with a ViT encoder")
+def add_image_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The arguments of the picture commands: RUN, image files and/or dataset images, output, size, device."""
+    parser.add_argument("run", metavar="RUN", help="run directory (or its -latest link)")
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (any PIL format)")
     parser.add_argument("--from-dataset", type=int, default=0, metavar="N",
                         help="also use the first N images of the run's evaluation split")
-    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RUN/attention)")
+    parser.add_argument("--out", default=None, help=out_help)
     parser.add_argument("--image-size", type=int, default=None,
                         help="input resolution (a multiple of the patch size; default: the run's evaluation size). "
                              "Larger than the training size gives finer maps, as in the paper's figures")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_image_arguments(parser, "output folder (default: RUN/attention); the run needs a ViT encoder")
 
 
 def run(args: argparse.Namespace) -> int:

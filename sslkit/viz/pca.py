@@ -72,13 +72,9 @@ def save_pca_grid(images: torch.Tensor, views: dict[str, torch.Tensor], names: l
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="run directory (or its -latest link)")
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (any PIL format)")
-    parser.add_argument("--from-dataset", type=int, default=0, metavar="N",
-                        help="use the first N images of the run's evaluation split (with or without files)")
-    parser.add_argument("--out", default=None, metavar="PNG", help="output file (default: RUN/pca/pca.png)")
-    parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the evaluation size)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    from sslkit.viz.attention import add_image_arguments
+
+    add_image_arguments(parser, "output PNG (default: RUN/pca/pca.png)")
 
 
 def run(args: argparse.Namespace) -> int:
