@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 WARMUP_STEPS_EXCLUDED = 2  # steady-state throughput skips a process's first steps (worker start-up, allocator warm-up)
@@ -33,11 +32,6 @@ class TrainState:
     data_wait: float = 0.0
     first_step_seconds: float = 0.0
     last_loss: float = float("nan")
-
-    @property
-    def epochs(self) -> int:
-        """Epochs the run will touch (the last may be partial)."""
-        return math.ceil(self.total_steps / self.steps_per_epoch)
 
     @property
     def finished(self) -> bool:

@@ -32,13 +32,9 @@ from __future__ import annotations
 import torch
 
 from sslkit.losses.distributed import gather_with_grad
+from sslkit.losses.precision import full_precision
 
 BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm1d's default, used by the official code and lightly
-
-
-def _full_precision(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 are kept (fp64 for tight tests)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _batch_standardise(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,7 +64,7 @@ def barlow_twins_loss(z0: torch.Tensor, z1: torch.Tensor, lambda_offdiag: float 
         raise ValueError(f"expected z0 and z1 of the same shape (n, D), got {tuple(z0.shape)} and "
                          f"{tuple(z1.shape)}")
     with torch.autocast(z0.device.type, enabled=False):  # fp32 statistics even under bf16 autocast
-        z0, z1 = _full_precision(z0), _full_precision(z1)
+        z0, z1 = full_precision(z0), full_precision(z1)
         if gather:
             z0, z1 = gather_with_grad(z0), gather_with_grad(z1)
         n, d = z0.shape

@@ -35,10 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _full_precision(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 are kept (fp64 for tight tests)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from sslkit.losses.precision import full_precision
 
 
 def _flat_mask(student_masks: torch.Tensor) -> torch.Tensor:
@@ -69,7 +66,7 @@ def ibot_teacher_probs(teacher_patch_logits: torch.Tensor, center: torch.Tensor,
         >>> p = ibot_teacher_probs(torch.randn(8, 196, 512), torch.zeros(512), teacher_temp=0.04)
     """
     with torch.autocast(teacher_patch_logits.device.type, enabled=False):
-        t = _full_precision(teacher_patch_logits)
+        t = full_precision(teacher_patch_logits)
         return F.softmax((t - center.reshape(-1).to(t.dtype)) / teacher_temp, dim=-1)
 
 
@@ -104,7 +101,7 @@ def ibot_patch_loss(teacher_patch_probs: torch.Tensor, student_patch_logits: tor
         raise ValueError(f"mask {tuple(student_masks.shape)} does not hold the (B, N) = "
                          f"{tuple(teacher_patch_probs.shape[:2])} patches")
     with torch.autocast(student_patch_logits.device.type, enabled=False):
-        t, s = _full_precision(teacher_patch_probs), _full_precision(student_patch_logits)
+        t, s = full_precision(teacher_patch_probs), full_precision(student_patch_logits)
         ce = -(t * F.log_softmax(s / student_temp, dim=-1)).sum(dim=-1)  # (B, N)
         ce = ce.masked_fill(~mask, 0.0)  # (B, N): masked patches only
         per_image = ce.sum(dim=1) / mask.sum(dim=1).clamp(min=1).to(ce.dtype)  # (B,)
@@ -140,7 +137,7 @@ def ibot_patch_loss_masked(teacher_probs_masked: torch.Tensor, student_logits_ma
                          f"{tuple(teacher_probs_masked.shape)} and {tuple(student_logits_masked.shape)}")
     mask = _flat_mask(student_masks)
     with torch.autocast(student_logits_masked.device.type, enabled=False):
-        t, s = _full_precision(teacher_probs_masked), _full_precision(student_logits_masked)
+        t, s = full_precision(teacher_probs_masked), full_precision(student_logits_masked)
         ce = -(t * F.log_softmax(s / student_temp, dim=-1)).sum(dim=-1)  # (M,)
         weights = (1.0 / mask.sum(dim=1, keepdim=True).clamp(min=1).to(ce.dtype)).expand_as(mask)[mask]  # (M,)
         if weights.shape != ce.shape:

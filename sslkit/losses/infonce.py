@@ -31,11 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sslkit.losses.distributed import gather_no_grad, rank
-
-
-def _full_precision(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 are kept (fp64 for tight tests)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from sslkit.losses.precision import full_precision
 
 
 def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -58,8 +54,8 @@ def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> 
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     with torch.autocast(q.device.type, enabled=False):  # fp32 logits even under bf16 autocast
-        q = F.normalize(_full_precision(q), dim=1)
-        k = F.normalize(_full_precision(k.detach()), dim=1)
+        q = F.normalize(full_precision(q), dim=1)
+        k = F.normalize(full_precision(k.detach()), dim=1)
         keys = gather_no_grad(k)  # (W n, D)
         logits = q @ keys.T / temperature  # (n, W n)
         n = q.shape[0]

@@ -29,12 +29,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sslkit.losses.precision import full_precision
+
 COSINE_EPS = 1e-8  # the norm clamp of torch.nn.functional.cosine_similarity (and of lightly's loss)
-
-
-def _full_precision(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 are kept (fp64 for tight tests)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -54,7 +51,7 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     if p.ndim != 2 or p.shape != z.shape:
         raise ValueError(f"expected p and z of the same shape (n, D), got {tuple(p.shape)} and {tuple(z.shape)}")
     with torch.autocast(p.device.type, enabled=False):
-        cos = F.cosine_similarity(_full_precision(p), _full_precision(z), dim=1, eps=COSINE_EPS)  # (n,)
+        cos = F.cosine_similarity(full_precision(p), full_precision(z), dim=1, eps=COSINE_EPS)  # (n,)
         return -cos.mean()
 
 

@@ -31,10 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def _full_precision(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 are kept (fp64 for tight tests)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from sslkit.losses.precision import full_precision
 
 
 @torch.no_grad()
@@ -68,7 +65,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         raise ValueError(f"n_iterations must be >= 0, got {n_iterations}")
     reduce = distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     with torch.autocast(teacher_logits.device.type, enabled=False):
-        scores = _full_precision(teacher_logits) / teacher_temp  # (B, K)
+        scores = full_precision(teacher_logits) / teacher_temp  # (B, K)
         n_local, k = scores.shape
         # per-prototype maximum over the global batch; -inf for a rank without samples
         shift = scores.amax(dim=0) if n_local > 0 else scores.new_full((k,), float("-inf"))  # (K,)

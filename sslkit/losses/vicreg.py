@@ -37,11 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sslkit.losses.distributed import gather_with_grad
-
-
-def _full_precision(x: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 -> fp32; fp32 and fp64 are kept (fp64 for tight tests)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from sslkit.losses.precision import full_precision
 
 
 def _variance_hinge(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,7 +76,7 @@ def vicreg_terms(z0: torch.Tensor, z1: torch.Tensor, eps: float = 1e-4,
         raise ValueError(f"expected z0 and z1 of the same shape (n, D), got {tuple(z0.shape)} and "
                          f"{tuple(z1.shape)}")
     with torch.autocast(z0.device.type, enabled=False):  # fp32 statistics even under bf16 autocast
-        z0, z1 = _full_precision(z0), _full_precision(z1)
+        z0, z1 = full_precision(z0), full_precision(z1)
         invariance = F.mse_loss(z0, z1)  # local: see the module docstring
         if gather:
             z0, z1 = gather_with_grad(z0), gather_with_grad(z1)
