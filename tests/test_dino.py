@@ -362,7 +362,8 @@ def test_ddp_center_is_global_mean(tmp_path):
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
-@pytest.mark.parametrize("recipe", ["dino_vit_tiny_fmnist", "dino_resnet18_cifar10", "dino_vit_small_imagenet"])
+@pytest.mark.parametrize("recipe", ["dino_vit_tiny_fmnist", "dino_resnet18_cifar10", "dino_vit_small_imagenet",
+                                    "dinov2_vit_small_imagenet"])
 def test_recipes_validate(recipe):
     cfg = load_recipe(RECIPES / f"{recipe}.yaml")
     assert cfg.objective.name == "dino" and cfg.augment.name == "multicrop"
