@@ -8,7 +8,7 @@ ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install data test test-slow test-faults lint pretrain-simclr pretrain-dino pretrain-dino-vit \
-        pretrain-mae pretrain-byol pretrain-vicreg pretrain-barlow pretrain-mocov3 pretrain-plugin knn linear-probe retrieval bench bench-throughput bench-tta clean
+        pretrain-mae pretrain-byol pretrain-vicreg pretrain-barlow pretrain-mocov3 pretrain-plugin knn linear-probe retrieval bench bench-throughput bench-tta gpu-check clean
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -88,6 +88,9 @@ bench-throughput: ## sslkit vs lightly training throughput -> bench_out/throughp
 
 bench-tta: ## time to accuracy of the CPU recipes -> bench_out/time_to_accuracy.{json,md,png} (~90 min)
 	$(PYTHON) benchmarks/time_to_accuracy.py --out bench_out $(ARGS)
+
+gpu-check: ## CUDA tests, GPU throughput vs lightly, first steps of the GPU recipes, GPU k-NN -> bench_out/gpu_check.{json,md} (<= 8 min; without a GPU: says so, exits 0)
+	$(PYTHON) benchmarks/gpu_check.py --out bench_out/gpu_check.json $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info

@@ -1,12 +1,14 @@
-"""``sslkit`` command line: pretrain, list, eval, viz.
+"""``sslkit`` command line: pretrain, list, eval, viz, data, export.
 
 Examples::
 
     sslkit pretrain recipes/simclr_resnet_fmnist.yaml trainer.epochs=2 data.subset=5000
     sslkit pretrain --resume runs/simclr_resnet_fmnist-latest
+    sslkit pretrain recipes/dino_vit_small_imagenet.yaml --resume auto
     sslkit list
     sslkit eval knn runs/dino_resnet_fmnist-latest
     sslkit viz attention runs/dino_vit_tiny_fmnist-latest img1.png
+    sslkit data pack images/ shards/ --shard-size 1000
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if recipe is not None and "=" in recipe:  # `sslkit pretrain --resume RUN key=value`
         overrides.insert(0, recipe)
         recipe = None
+    if args.resume == "auto":  # the newest good checkpoint of the recipe's name, else a fresh run
+        if recipe is None:
+            raise CLIError("--resume auto needs the RECIPE: it continues the newest run of the recipe's name "
+                           "(sslkit pretrain RECIPE --resume auto).")
+        train(load_recipe(recipe, overrides), resume="auto", stop_at_step=args.stop_at_step)
+        return 0
     if args.resume:
         run_dir = resolve_run_dir(args.resume)
         recipe_path = recipe or run_dir / "config.yaml"
@@ -102,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: sslkit pretrain recipes/simclr_resnet_fmnist.yaml trainer.epochs=2")
     p.add_argument("recipe", nargs="?", help="recipe YAML (optional with --resume)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=0.1 data.subset=5000")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint; "
+                   "'auto' (with RECIPE): the newest run of the recipe's name whose checkpoint loads, else a fresh "
+                   "run, so a requeued job restarts itself with the same command")
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="checkpoint and stop at this global step without changing the schedules")
     p.add_argument("--dry-run", action="store_true",
@@ -129,12 +139,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional_module(vsub, "attention", "sslkit.viz.attention", "last-block CLS attention per head (ViT)")
     _add_optional_module(vsub, "reconstruct", "sslkit.viz.reconstruct", "MAE reconstructions grid")
     _add_optional_module(vsub, "pca", "sslkit.viz.pca", "DINOv2-style PCA maps of patch features, with attention")
+    _add_optional_module(vsub, "gradcam", "sslkit.viz.gradcam", "Grad-CAM heatmaps through the linear probe (CNN)")
+
+    _add_optional_module(sub, "export", "sslkit.export",
+                         "export a run's encoder: timm weights + config.json, ONNX, or sslkit safetensors, with a "
+                         "model card")
+    _add_optional_module(sub, "curate", "sslkit.curate.cli",
+                         "deduplicate images and retrieve a pool's images near a seed set (DINOv2 curation)")
+
+    p = sub.add_parser("data", help="prepare data: pack images into streaming tar shards")
+    dsub = p.add_subparsers(dest="data_command", metavar="DATA", required=True)
+    _add_optional_module(dsub, "pack", "sslkit.data.shards",
+                         "write an image folder or a registered dataset as tar shards with an index.json")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra  # `pretrain RECIPE --resume auto key=value`: overrides after an option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -64,6 +64,18 @@ class OptimConfig:
 
 
 @dataclass
+class HealthConfig:
+    """Training health checks and the collapse alarm (sslkit.engine.health, whose notes define each measure)."""
+
+    every_steps: int = 50  # RankMe (and DINO's teacher entropy and center norm) every N steps; 0 = off
+    patience: int = 3  # consecutive checks past a line before the alarm
+    on_collapse: str = "warn"  # warn: one warning; stop: also checkpoint and end the run
+    min_rank_share: float = 0.01  # alarm when (RankMe - 1) / (min(batch, feature dim) - 1) < this
+    min_entropy_share: float = 0.02  # alarm when the teacher's entropy < this share of log K (one-hot collapse)
+    max_entropy_share: float = 0.995  # alarm when the teacher's entropy > this share of log K (uniform collapse)
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs for the schedules)
@@ -90,6 +102,10 @@ class TrainerConfig:
     progress_every_seconds: float = 30.0  # interval of progress lines (stderr when not a terminal, and train.log)
     threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
     skip_nonfinite_steps: int = 0  # tolerate this many NaN/Inf losses or gradients (update skipped), then stop
+    health: HealthConfig = field(default_factory=HealthConfig)
+    # After SLURM's warning signal (SIGUSR1, `--signal=USR1@90`) and its checkpoint, requeue the job with `scontrol
+    # requeue $SLURM_JOB_ID` (rank 0); the requeued job continues with `--resume auto`. Off: stop after the checkpoint.
+    requeue: bool = True
 
 
 @dataclass
@@ -115,6 +131,11 @@ class EvalConfig:
     # heads and encoder.safetensors use the encoder section; every evaluation (the final and monitor k-NN,
     # `sslkit eval`, the random-encoder baseline) builds the encoder with these on top.
     encoder_args: dict[str, Any] = field(default_factory=dict)
+    # Online linear probe (sslkit.engine.probe): a linear layer trained every step on the detached features of the
+    # batch's labels, scored on eval_split when the k-NN monitor runs and at the end. Costs one extra forward pass
+    # of the first view per step, so it is off in every shipped recipe.
+    online_probe: bool = False
+    online_probe_lr: float = 1e-2  # AdamW learning rate of the probe (its features are standardised first)
 
 
 @dataclass
@@ -312,6 +333,9 @@ RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
     "eval.knn_train_subset": (0, None, False, True), "eval.knn_test_subset": (0, None, False, True),
     "eval.monitor_train_subset": (0, None, False, True), "eval.monitor_test_subset": (0, None, False, True),
     "eval.image_size": (0, 8192, False, True), "eval.batch_size": (0, 65536, False, False),
+    "eval.online_probe_lr": (0, 1e3, False, False), "trainer.health.every_steps": (0, None, True, False),
+    "trainer.health.patience": (1, 1e9, True, False), "trainer.health.min_rank_share": (0, 1, True, False),
+    "trainer.health.min_entropy_share": (0, 1, True, False), "trainer.health.max_entropy_share": (0, 1, True, False),
 }
 MAX_VIEW_SIZE = 8192
 
@@ -340,8 +364,8 @@ def _cross_checks(cfg: DictConfig) -> None:
         raise ConfigError(f"recipe key 'data.name': unknown dataset {cfg.data.name!r}. "
                           f"Valid datasets: {', '.join(DATASETS.names())}.")
     for key, (lo, hi, inclusive, nullable) in RANGES.items():
-        section, field_name = key.split(".")
-        v = cfg[section][field_name]
+        section, field_name = key.rsplit(".", 1)
+        v = OmegaConf.select(cfg, section)[field_name]
         if v is None and nullable:
             continue
         ok = isinstance(v, int | float) and not isinstance(v, bool) and (v >= lo if inclusive else v > lo) and \
@@ -363,6 +387,7 @@ def _cross_checks(cfg: DictConfig) -> None:
                "trainer.precision": (cfg.trainer.precision, ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")),
                "trainer.accelerator": (cfg.trainer.accelerator, ("auto", "cpu", "gpu", "cuda")),
                "trainer.attention": (cfg.trainer.attention, ATTENTION_MODES),
+               "trainer.health.on_collapse": (cfg.trainer.health.on_collapse, ("warn", "stop")),
                "data.eval_split": (cfg.data.eval_split, ("train", "test")),
                "data.augment_backend": (cfg.data.augment_backend, ("auto", "batched", "per_image")),
                # FSDP shards parameters, and sslkit's exact-resume checkpoints are written from full state dicts;

@@ -10,6 +10,7 @@ Layout::
         tb/                    TensorBoard events
         encoder.safetensors    the objective's eval encoder (DINO: the teacher)
         summary.json           images/s, peak memory, final metrics
+        .sslkit.lock           locked (flock) by the process training into the run
     runs/<name>-latest -> the newest run of that recipe name
 
 Eval never imports objectives or the engine: :func:`load_encoder` rebuilds the encoder from

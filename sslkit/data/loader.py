@@ -50,11 +50,13 @@ def batch_generator(seed: int, epoch: int, batch_in_epoch: int, rank: int) -> to
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields batches of ``(index, sample_seed)`` for this rank, starting at ``start_batch``.
 
-    Each epoch is a permutation of the dataset drawn from (seed, epoch); the tail that does not fill a
-    whole global batch is dropped, and rank r takes every world-th batch-sized slice of the permutation.
+    Each epoch is a permutation of the dataset drawn from (seed, epoch), or the dataset's own ``order(generator)``;
+    the tail that does not fill a whole global batch is dropped, and rank r takes every world-th batch-sized slice
+    of the permutation.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 order: Callable[[torch.Generator], torch.Tensor] | None = None) -> None:
         if batch_size * world_size > num_items:
             raise ValueError(
                 f"the global batch ({batch_size} x {world_size} devices) is larger than the dataset ({num_items} "
@@ -62,6 +64,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             )
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.order = order  # a dataset's own epoch order (streaming shards), else a uniform permutation
         self.epoch = 0
         self.start_batch = 0
 
@@ -77,7 +80,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(self.seed * _SEED_MIX + self.epoch)
-        perm = torch.randperm(self.num_items, generator=g)
+        perm = self.order(g) if self.order is not None else torch.randperm(self.num_items, generator=g)
         seeds = torch.randint(0, 2**62, (self.num_items,), generator=g)
         global_batch = self.batch_size * self.world_size
         for b in range(self.start_batch, self.batches_per_epoch):

@@ -3,8 +3,9 @@
 :func:`train` checks and builds what can fail on bad input before anything is written, then launches
 :func:`run_worker` in each process. :func:`train_one_epoch` is the loop itself and reads like the paper's
 pseudo-code: views, forward, backward, update, EMA. Everything else hangs off it: the time budget, progress,
-logs, checkpoints, the non-finite guard and the k-NN monitor are callbacks (:mod:`sslkit.engine.callbacks`), and
-the objective is driven through its interface (:class:`sslkit.objectives.base.Objective`).
+logs, checkpoints, the non-finite guard, the health checks, the online probe and the k-NN monitor are callbacks
+(:mod:`sslkit.engine.callbacks`), and the objective is driven through its interface
+(:class:`sslkit.objectives.base.Objective`).
 """
 
 from __future__ import annotations
@@ -34,13 +35,23 @@ from sslkit.engine.build import (
 from sslkit.engine.callbacks import Callbacks, Checkpointer, MetricsLogger, NonFiniteGuard, Progress
 from sslkit.engine.checkpoint import load_checkpoint, set_rng_state
 from sslkit.engine.context import TrainContext
+from sslkit.engine.health import Health
 from sslkit.engine.logs import MetricsLog, peak_rss_gb
 from sslkit.engine.monitor import KNNMonitor, knn_line
 from sslkit.engine.precision import make_fabric, resolve_precision
-from sslkit.engine.rundir import claim_run_dir, link_latest
+from sslkit.engine.probe import OnlineProbe
+from sslkit.engine.rundir import (
+    auto_resume,
+    claim_run_dir,
+    finished_summary,
+    first_task,
+    link_latest,
+    lock_run_dir,
+)
 from sslkit.engine.schedules import Schedules
 from sslkit.engine.signals import SignalCheckpoint, ignore_interrupts
 from sslkit.engine.state import TrainState
+from sslkit.heads.batchnorm import convert_sync_batchnorm
 from sslkit.plugins import load_all
 from sslkit.run import (
     RunError,
@@ -64,29 +75,38 @@ class TrainResult:
     knn: dict[str, float] | None
 
 
+def train_step(ctx: TrainContext, views: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """One optimisation step on this process's ``views`` at ``ctx.state.step``: schedules, forward, backward,
+    clipping, update and the objective's EMA. Returns the objective's outputs and the loss as a number."""
+    s, objective, optimizer = ctx.state, ctx.objective, ctx.optimizer
+    ctx.schedules.apply(optimizer, s.step)
+    out = ctx.model(views, s.step)  # {"loss": ..., other scalars to log}
+    ctx.fabric.backward(out["loss"])
+    objective.on_after_backward(s.step)
+    grad_norm = clip_and_norm(ctx.fabric, ctx.cfg, ctx.model, optimizer, ctx.params)
+    # The step's one host-device sync: loss and gradient norm read together. A non-finite loss makes the
+    # (all-reduced) gradients non-finite on every rank, so all ranks agree to skip the update.
+    loss, norm = torch.stack([out["loss"].detach().float(), grad_norm.detach().float().to(out["loss"].device)]).tolist()
+    if ctx.any_rank(not (math.isfinite(loss) and math.isfinite(norm))):
+        what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
+        ctx.callbacks.on_bad_step(ctx, what, value)
+    else:
+        optimizer.step()
+        objective.on_step_end(s.step)  # EMA teachers, schedules
+    optimizer.zero_grad(set_to_none=True)
+    return out, loss
+
+
 def train_one_epoch(ctx: TrainContext) -> None:
     """One pass over the loader from the state's position, until the epoch ends or the run stops."""
-    s, objective, optimizer = ctx.state, ctx.objective, ctx.optimizer
+    s = ctx.state
     ctx.sampler.set_epoch(s.epoch, s.batch_in_epoch)
     t0 = time.perf_counter()
-    for batch, _labels in ctx.loader:
+    for batch, labels in ctx.loader:
         t_data = time.perf_counter()
         views = ctx.views(batch)
-        ctx.schedules.apply(optimizer, s.step)
-        out = ctx.model(views, s.step)  # {"loss": ..., other scalars to log}
-        ctx.fabric.backward(out["loss"])
-        objective.on_after_backward(s.step)
-        grad_norm = clip_and_norm(ctx.fabric, ctx.cfg, ctx.model, optimizer, ctx.params)
-        # The step's one host-device sync: loss and gradient norm read together. A non-finite loss makes the
-        # (all-reduced) gradients non-finite on every rank, so all ranks agree to skip the update.
-        loss, norm = torch.stack([out["loss"].detach().float(), grad_norm.detach().float().to(out["loss"].device)]).tolist()
-        if ctx.any_rank(not (math.isfinite(loss) and math.isfinite(norm))):
-            what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
-            ctx.callbacks.on_bad_step(ctx, what, value)
-        else:
-            optimizer.step()
-            objective.on_step_end(s.step)  # EMA teachers, schedules
-        optimizer.zero_grad(set_to_none=True)
+        ctx.step_inputs = (views, labels)  # for callbacks that look at the batch (health checks, online probe)
+        out, loss = train_step(ctx, views)
         s.record_step(t0, t_data, time.perf_counter(), loss)
         ctx.callbacks.on_step_end(ctx, out)
         if s.step == s.stop_at_step or s.finished or s.stop_requested:
@@ -119,7 +139,8 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
     rank, world = fabric.global_rank, fabric.world_size
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     objective = build_objective(cfg)
-    sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, rank, world)
+    sampler = ResumableBatchSampler(len(dataset), cfg.data.batch_size, cfg.seed, rank, world,
+                                    order=getattr(dataset, "epoch_order", None))  # shards: stream shard by shard
     spe = sampler.batches_per_epoch
     cap = cfg.trainer.max_steps or cfg.trainer.epochs * spe
     fitted = (ckpt or {}).get("budget_total_steps")  # a resumed run continues the schedule it had fitted
@@ -133,8 +154,11 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
     channels_last = bool(cfg.trainer.channels_last and getattr(objective.encoder, "is_cnn", False))
     if channels_last:
         objective = objective.to(memory_format=torch.channels_last)
-    if cfg.trainer.sync_batchnorm and world > 1:
-        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    if cfg.trainer.sync_batchnorm and world > 1:  # BatchNorm over the global batch, on any device
+        objective = convert_sync_batchnorm(objective, fabric.device.type)
+    elif world > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
+        fabric.print("note: trainer.sync_batchnorm is off, so each process's BatchNorm uses the statistics of its own "
+                     "share of the batch; set it to true for those of the global batch (what one process would do).")
     fused = fused_attention_wanted(cfg.trainer.attention, fabric.device.type, resolve_precision(cfg).startswith("bf16"))
     attention = ("fused" if fused else "math") if set_fused_attention(objective, fused) else None  # None: no ViT
 
@@ -166,8 +190,11 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
         worker_init_fn=ignore_interrupts if cfg.data.num_workers > 0 else None,
     )
     callbacks = [c for c in (budget, Progress(cfg.trainer.progress_every_seconds, terminal=cfg.trainer.progress),
+                             Health.from_config(cfg, ckpt),
+                             OnlineProbe.from_config(cfg, objective, dataset, ckpt, say=fabric.print),
                              MetricsLogger(), Checkpointer(cfg.trainer.checkpoint_every_steps),
-                             NonFiniteGuard(cfg.trainer.skip_nonfinite_steps), SignalCheckpoint(), KNNMonitor())
+                             NonFiniteGuard(cfg.trainer.skip_nonfinite_steps), SignalCheckpoint(requeue=cfg.trainer.requeue),
+                             KNNMonitor())
                  if c is not None]
     ctx = TrainContext(fabric, cfg, run_dir, objective, model, optimizer, params, loader, sampler, batched,
                        channels_last, schedules, state, Callbacks(callbacks), attention=attention)
@@ -254,14 +281,25 @@ def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step
     Args:
         cfg: a recipe from :func:`sslkit.config.load_recipe` (already validated).
         resume: a run directory (or its checkpoint) to continue; its ``config.yaml`` must match ``cfg``
-            except for ``trainer`` and ``eval`` settings.
+            except for ``trainer`` and ``eval`` settings. ``"auto"``: the newest run of ``cfg.name`` whose
+            checkpoint loads and matches, else a fresh run (:func:`sslkit.engine.rundir.auto_resume`).
         stop_at_step: stop (after checkpointing) once this global step is reached, without changing the
             schedules; used to test resumption and to split long jobs.
     """
     dataset, pipeline = preflight(cfg)  # everything that can fail on bad input, before anything is written
 
-    ckpt = None
-    if resume is not None:
+    fabric = make_fabric(cfg)  # before the run is locked: nothing can fail between the lock and the `finally`
+    chosen = os.environ.get(RUN_DIR_ENV)  # set in the processes the DDP launcher starts: the parent chose the run
+    ckpt, lock = None, None
+    if str(resume) == "auto":
+        run_dir, ckpt, lock = auto_resume(cfg, chosen)
+        if (done := finished_summary(run_dir, ckpt)) is not None:  # a requeued job that had finished: nothing to do
+            if lock is not None:
+                lock.release()
+            print(f"--resume auto: {run_dir} finished at step {ckpt['step']}; nothing to resume.")
+            return TrainResult(run_dir, int(ckpt["step"]), done["images_per_s"], done["final_loss"],
+                               done["peak_rss_gb"], None)
+    elif resume is not None:
         run_dir = Path(resume)
         if run_dir.is_file():
             run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
@@ -270,9 +308,10 @@ def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step
         ckpt = load_checkpoint(ckpt_path)
         check_resume_config(cfg, read_config(ckpt["config_yaml"], f"the recipe inside {ckpt_path}"), ckpt_path)
     else:
-        run_dir = Path(os.environ[RUN_DIR_ENV]) if os.environ.get(RUN_DIR_ENV) else claim_run_dir(cfg)
+        run_dir = Path(chosen) if chosen else claim_run_dir(cfg)
+    if lock is None and not chosen and first_task():
+        lock = lock_run_dir(run_dir)  # one process trains into a run at a time
 
-    fabric = make_fabric(cfg)
     previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the processes the DDP launcher starts
     try:
@@ -282,6 +321,8 @@ def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
+        if lock is not None:
+            lock.release()
 
 
 def check_resume_config(cfg: DictConfig, saved: DictConfig, path: Path) -> None:

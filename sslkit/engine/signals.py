@@ -1,5 +1,13 @@
-"""SIGINT and SIGTERM end a run cleanly: the step in progress finishes, a checkpoint is written, and the run says
-where it is and how to resume. Schedulers and container runtimes send SIGTERM before they kill a job.
+"""SIGINT, SIGTERM and SIGUSR1 end a run cleanly: the step in progress finishes, a checkpoint is written, and the run
+says where it is and how to resume. Schedulers and container runtimes send SIGTERM before they kill a job.
+
+SIGUSR1 is SLURM's warning signal (``#SBATCH --signal=USR1@90``: 90 s before the time limit or a preemption).
+After the checkpoint, a run under SLURM (``$SLURM_JOB_ID`` set) with ``trainer.requeue: true`` puts its job back
+in the queue with ``scontrol requeue`` (rank 0 only, once); the requeued job runs the same command, and
+``sslkit pretrain RECIPE --resume auto`` continues from that checkpoint.
+
+Exit codes: 128 + the signal number, as a shell reports a process ended by that signal: 130 (SIGINT),
+143 (SIGTERM), 138 (SIGUSR1, checkpointed, and requeued when the message says so).
 
 A second signal ends the process at once; the last checkpoint, written atomically, stays intact.
 """
@@ -7,7 +15,10 @@ A second signal ends the process at once; the last checkpoint, written atomicall
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
+import subprocess
 import threading
 from typing import TYPE_CHECKING
 
@@ -16,14 +27,40 @@ from sslkit.engine.callbacks import Callback
 if TYPE_CHECKING:
     from sslkit.engine.context import TrainContext
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+REQUEUE_SIGNAL = signal.SIGUSR1  # SLURM's warning signal: checkpoint, then requeue the job
+SCONTROL_TIMEOUT_S = 60  # SLURM's controller answers in well under a second; a hung call must not eat the grace time
 
 
 def ignore_interrupts(_worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT, so a Ctrl-C sent to the whole process group reaches the
-    main process's handler without killing the workers under the step in progress. SIGTERM keeps its default:
-    Python's exit stops daemonic workers with it, and a worker that ignored it would hang the exit."""
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGUSR1, so a Ctrl-C sent to the whole process group,
+    or SLURM's warning signal sent to every process of the job step, reaches the main process's handler without
+    killing the workers under the step in progress. SIGTERM keeps its default: Python's exit stops daemonic workers
+    with it, and a worker that ignored it would hang the exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def requeue_job(job_id: str) -> str:
+    """``scontrol requeue JOB_ID``; returns a sentence saying what happened (the run is checkpointed either way, so a
+    failure is reported, never raised)."""
+    if not re.fullmatch(r"[0-9]+(_[0-9]+)?", job_id):
+        return f"not requeueing: $SLURM_JOB_ID is {job_id[:40]!r}, not a SLURM job id. Resubmit the job script."
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return (f"could not requeue SLURM job {job_id}: `scontrol` is not on PATH. Resubmit the job script; it "
+                "continues with `--resume auto`.")
+    try:
+        done = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True,
+                              timeout=SCONTROL_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"could not requeue SLURM job {job_id}: {type(e).__name__}: {e}. Resubmit the job script."
+    if done.returncode != 0:
+        why = (done.stderr or done.stdout).strip().splitlines()
+        return (f"could not requeue SLURM job {job_id}: `scontrol requeue` exited {done.returncode}"
+                f"{f' ({why[-1][:200]})' if why else ''}. Was the job submitted with `--requeue`? Resubmit the job "
+                "script.")
+    return f"requeued SLURM job {job_id} (`scontrol requeue`); it restarts with the same command"
 
 
 class TrainingInterrupted(Exception):
@@ -36,10 +73,12 @@ class TrainingInterrupted(Exception):
 
 
 class SignalCheckpoint(Callback):
-    """Turns SIGINT / SIGTERM into "finish this step, checkpoint, stop" (all ranks stop at the same step)."""
+    """Turns SIGINT / SIGTERM / SIGUSR1 into "finish this step, checkpoint, stop" (all ranks stop at the same step);
+    after SIGUSR1 under SLURM, rank 0 also requeues the job when ``requeue`` is true."""
 
-    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+    def __init__(self, signals: tuple[int, ...] = STOP_SIGNALS, requeue: bool = True) -> None:
         self.signals = signals
+        self.requeue = requeue
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
@@ -64,6 +103,7 @@ class SignalCheckpoint(Callback):
             ctx.save_checkpoint(batch_in_epoch=0, epoch=s.epoch + 1)
         else:
             ctx.save_checkpoint(batch_in_epoch=s.batch_in_epoch, epoch=s.epoch)
+        ctx.fabric.barrier()  # no rank leaves (and, under srun, gets the job step killed) before rank 0 has written it
         s.stop_requested = True
 
     def on_train_end(self, ctx: TrainContext) -> None:
@@ -77,6 +117,11 @@ class SignalCheckpoint(Callback):
             return
         signum = self.received if self.received is not None else signal.SIGTERM
         ckpt = ctx.run_dir / "checkpoints" / "last.ckpt"
-        raise TrainingInterrupted(signum, f"{signal.Signals(signum).name} received: stopped after step "
-                                          f"{ctx.state.step} and saved {ckpt}. Resume with `sslkit pretrain "
-                                          f"--resume {ctx.run_dir}`.")
+        message = (f"{signal.Signals(signum).name} received: stopped after step {ctx.state.step} and saved {ckpt}. "
+                   f"Resume with `sslkit pretrain --resume {ctx.run_dir}` (or `sslkit pretrain RECIPE --resume auto`).")
+        job = os.environ.get("SLURM_JOB_ID")
+        if signum == REQUEUE_SIGNAL and job and self.requeue and ctx.is_main:  # rank 0 only: one requeue per job
+            message += " " + requeue_job(job) + "."
+        if ctx.world > 1:
+            ctx.fabric.barrier()  # the other ranks wait for the requeue, so none exits (and ends the step) first
+        raise TrainingInterrupted(signum, message)
