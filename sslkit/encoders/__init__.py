@@ -21,10 +21,10 @@ from typing import NamedTuple
 
 import timm
 import torch
-from timm.models.resnet import BasicBlock, ResNet, make_blocks
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from sslkit.encoders import timm_models  # noqa: F401  (registers sslkit_* architectures with timm)
 from sslkit.registry import ENCODERS
 
 
@@ -45,12 +45,17 @@ class Encoder(nn.Module):
         mask_token: (1, 1, D) learned embedding that replaces masked patches (ViTs); None until an objective
             that masks (iBOT) calls :meth:`enable_mask_token`, so other objectives carry no unused parameter
             (which DDP would refuse) and their weights files keep their keys.
+        timm_config: ``(architecture, kwargs)`` such that ``timm.create_model(architecture, **kwargs)`` builds
+            ``model`` with the same keys and the same pooled features (what ``sslkit export --format timm``
+            writes); None for a model timm cannot build.
     """
 
-    def __init__(self, model: nn.Module, name: str, pool: str = "token") -> None:
+    def __init__(self, model: nn.Module, name: str, pool: str = "token",
+                 timm_config: tuple[str, dict] | None = None) -> None:
         super().__init__()
         self.model = model
         self.name = name
+        self.timm_config = timm_config
         self.is_vit = isinstance(model, VisionTransformer)
         if pool not in ("token", "avg"):
             raise ValueError(f"encoder pool must be 'token' or 'avg', got {pool!r}")
@@ -207,29 +212,18 @@ def _timm(name: str, **kw) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kw)
 
 
+def _timm_config(arch: str, **kw) -> tuple[str, dict]:
+    """``(arch, kwargs)`` for :attr:`Encoder.timm_config`: the arguments that shape the weights and the features
+    (initialisation-only ones such as ``zero_init_last`` are left out), with ``num_classes=0``."""
+    return arch, {**{k: v for k, v in kw.items() if k != "zero_init_last"}, "num_classes": 0}
+
+
 @ENCODERS.register("resnet18_cifar", help="ResNet-18 with a 3x3 stride-1 stem and no max-pool (for 32 px)")
 def resnet18_cifar(zero_init_residual: bool = True) -> Encoder:
-    """ResNet-18 for small images: 3x3 stride-1 first conv, no max-pool (SimCLR paper, CIFAR setting)."""
-    model = _timm("resnet18", zero_init_last=zero_init_residual)
-    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return Encoder(model, "resnet18_cifar")
-
-
-class _StagedResNet(ResNet):
-    """timm's ResNet with any number of stages (``stage_names``); timm's forward hard-codes four.
-
-    A subclass, not a patched ``forward_features`` closure: a closure would keep pointing at the original
-    module after ``copy.deepcopy`` (DINO's teacher), so the copy would run the original's weights.
-    """
-
-    stage_names: list[str]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-        return x
+    """ResNet-18 for small images: 3x3 stride-1 first conv, no max-pool (SimCLR paper, CIFAR setting); timm's
+    ``sslkit_resnet18_cifar``."""
+    model = _timm("sslkit_resnet18_cifar", zero_init_last=zero_init_residual)
+    return Encoder(model, "resnet18_cifar", timm_config=_timm_config("sslkit_resnet18_cifar"))
 
 
 @ENCODERS.register("resnet_cifar", help="ResNet with BasicBlocks, chosen widths and depths, 3x3 stem (small images)")
@@ -245,35 +239,16 @@ def resnet_cifar(widths: list[int] = (64, 128, 256, 512), depths: list[int] = (2
     ``widths[-1] * g * g``): the feature keeps where things are, which matters for aligned images such as
     Fashion-MNIST. 1 is the usual global average pool.
     """
-    widths, depths = tuple(int(w) for w in widths), tuple(int(d) for d in depths)
-    if len(widths) != len(depths) or not widths or min(widths) <= 0 or min(depths) <= 0:
-        raise ValueError(f"resnet_cifar needs widths and depths of the same non-zero length with positive entries, "
-                         f"got widths={list(widths)} depths={list(depths)}")
-    if stem_stride not in (1, 2):
-        raise ValueError(f"resnet_cifar stem_stride must be 1 or 2, got {stem_stride}")
-    if int(pool_grid) < 1:
-        raise ValueError(f"resnet_cifar pool_grid must be a positive integer (1 = global average pool), got {pool_grid}")
-    model = _StagedResNet(BasicBlock, depths, num_classes=0, channels=widths, zero_init_last=zero_init_residual)
-    model.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=stem_stride, padding=1, bias=False)
-    model.bn1 = nn.BatchNorm2d(widths[0])
-    model.maxpool = nn.Identity()
-    for name in [n for n in ("layer1", "layer2", "layer3", "layer4") if hasattr(model, n)]:
-        delattr(model, name)
-    stages, _ = make_blocks((BasicBlock,) * len(widths), widths, depths, widths[0])
-    for name, stage in stages:
-        model.add_module(name, stage)
-    model.stage_names = [name for name, _ in stages]
-    model.num_features = widths[-1]
-    if int(pool_grid) > 1:
-        model.global_pool = nn.Sequential(nn.AdaptiveAvgPool2d(int(pool_grid)), nn.Flatten(1))  # (B, C * g * g)
-        model.num_features = widths[-1] * int(pool_grid) ** 2
-    model.init_weights(zero_init_last=zero_init_residual)
-    return Encoder(model, "resnet_cifar")
+    kw = {"widths": [int(w) for w in widths], "depths": [int(d) for d in depths], "stem_stride": int(stem_stride),
+          "pool_grid": int(pool_grid)}
+    model = _timm("sslkit_resnet_cifar", zero_init_last=zero_init_residual, **kw)  # timm_models.py builds it
+    return Encoder(model, "resnet_cifar", timm_config=_timm_config("sslkit_resnet_cifar", **kw))
 
 
 @ENCODERS.register("resnet50", help="ResNet-50 (ImageNet stem), 2048-d features")
 def resnet50(zero_init_residual: bool = True) -> Encoder:
-    return Encoder(_timm("resnet50", zero_init_last=zero_init_residual), "resnet50")
+    return Encoder(_timm("resnet50", zero_init_last=zero_init_residual), "resnet50",
+                   timm_config=_timm_config("resnet50"))
 
 
 def _vit(name: str, pool: str, **kw) -> Encoder:
@@ -284,7 +259,7 @@ def _vit(name: str, pool: str, **kw) -> Encoder:
     # The final LayerNorm applies to every token (not timm's post-pool `fc_norm`), so forward_tokens, the
     # pooled features and MAE's decoder all see normalised tokens, whichever pooling the recipe picks.
     kw.setdefault("fc_norm", False)
-    return Encoder(_timm(name, **kw), name, pool=pool)
+    return Encoder(_timm(name, **kw), name, pool=pool, timm_config=_timm_config(name, **kw))
 
 
 @ENCODERS.register("vit_tiny_patch4_32", help="ViT-Tiny (192-d, 12 blocks, 3 heads) with 4-px patches, for 32 px")
@@ -298,7 +273,11 @@ def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192
                               num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, drop_path_rate=drop_path_rate,
                               dynamic_img_size=True, global_pool="token" if pool == "token" else "avg",
                               fc_norm=False)  # final norm on every token; see _vit
-    return Encoder(model, "vit_tiny_patch4_32", pool=pool)
+    # timm's ViT-Tiny entry point with these arguments builds the same network (exports load with it)
+    config = _timm_config("vit_tiny_patch16_224", img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=depth,
+                          num_heads=num_heads, mlp_ratio=mlp_ratio, reg_tokens=reg_tokens, dynamic_img_size=True,
+                          global_pool="token" if pool == "token" else "avg", fc_norm=False)
+    return Encoder(model, "vit_tiny_patch4_32", pool=pool, timm_config=config)
 
 
 @ENCODERS.register("vit_small_patch16_224", help="ViT-S/16 (384-d), the DINO paper's main model")
@@ -321,7 +300,7 @@ def _any_timm(name: str, **kw) -> Encoder:
     model = _timm(name, **kw)
     if isinstance(model, VisionTransformer):
         return _vit(name, pool, **kw)
-    return Encoder(model, f"timm:{name}")
+    return Encoder(model, f"timm:{name}", timm_config=_timm_config(name, **kw))
 
 
 ENCODERS.register_prefix("timm", _any_timm)

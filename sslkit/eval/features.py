@@ -250,6 +250,11 @@ def encoder_hash(encoder: nn.Module) -> str:
 
 def dataset_description(dataset: Dataset, split: str | None = None) -> str:
     """A string that identifies a dataset: its source, size, split and (cheap) content fingerprint."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        # subset_dataset of a folder: the parent's description and the chosen rows (two subsets of one size differ)
+        rows = hashlib.sha256(torch.as_tensor(list(dataset.indices), dtype=torch.long).numpy().tobytes())
+        inner = dataset_description(dataset.dataset)
+        return f"{inner};subset={rows.hexdigest()[:16]};n={len(dataset)}" + (f";split={split}" if split else "")
     source = getattr(dataset, "source", None) or type(dataset).__name__
     parts = [f"source={source}", f"n={len(dataset)}"]  # type: ignore[arg-type]
     if split is not None:
@@ -262,6 +267,10 @@ def dataset_description(dataset: Dataset, split: str | None = None) -> str:
         parts.append(f"fingerprint={h.hexdigest()[:16]}")
     elif hasattr(dataset, "files"):
         h = hashlib.sha256("\n".join(map(str, dataset.files)).encode())  # type: ignore[attr-defined]
+        for f in dataset.files:  # type: ignore[attr-defined]  # an image replaced under the same name
+            with contextlib.suppress(OSError):
+                st = Path(f).stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         parts.append(f"files={h.hexdigest()[:16]}")
     return ";".join(parts)
 

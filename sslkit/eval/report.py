@@ -40,7 +40,9 @@ from sslkit.data.base import TensorImageDataset, subset_dataset
 from sslkit.eval import knn as knn_mod
 from sslkit.eval import linear as linear_mod
 from sslkit.eval import retrieval as retrieval_mod
+from sslkit.eval import sources
 from sslkit.eval.features import FeatureSet, cached_features, default_device, encoder_hash, use_bf16
+from sslkit.eval.sources import NO_DATASET, DatasetSpec, FeatureSource, build_feature_encoder
 
 BASELINES = ("none", "pixels", "random")
 KINDS = ("knn", "linear", "retrieval", "copy")
@@ -112,9 +114,14 @@ class EvalContext:
     enc_hash: str = ""
     source: str = ""
     _datasets: dict[str, Dataset] = field(default_factory=dict)
+    # what is evaluated and on what (sslkit.eval.sources); None only for contexts built by hand
+    feature_source: FeatureSource | None = None
+    data: DatasetSpec | None = None
 
     @property
     def eval_split(self) -> str:
+        if self.data is not None:
+            return self.data.eval_split
         return str(self.cfg.data.get("eval_split", "test") or "test")
 
     @property
@@ -125,11 +132,11 @@ class EvalContext:
         return self.image_size
 
     def dataset(self, split: str) -> Dataset:
-        """The recipe's dataset for ``split`` ("train" or the eval split), subset as asked."""
+        """The dataset for ``split`` ("train", the bank, or the eval split), subset as asked."""
         from sslkit.run import build_dataset
 
         if split not in self._datasets:
-            ds = build_dataset(self.cfg, split)
+            ds = self.data.build(split) if self.data is not None else build_dataset(self.cfg, split)
             n = self.train_subset if split == "train" else self.test_subset
             self._datasets[split] = subset_dataset(ds, n, seed=self.seed)
         return self._datasets[split]
@@ -137,7 +144,7 @@ class EvalContext:
     def features(self, split: str) -> FeatureSet:
         """Features of ``split`` from the cache (or extracted and cached)."""
         ds = self.dataset(split)
-        return self.features_of(ds, split)
+        return self.features_of(ds, self.data.cache_split(split) if self.data is not None else split)
 
     def features_of(self, ds: Dataset, split: str) -> FeatureSet:
         self._ensure_encoder(ds)
@@ -151,7 +158,11 @@ class EvalContext:
             return
         from sslkit.run import build_encoder, encoder_kwargs, load_encoder
 
-        if self.baseline == "none":
+        if self.feature_source is not None:
+            self.encoder, self.enc_hash, self.source = build_feature_encoder(
+                self.feature_source, self.baseline, cfg=self.cfg, dataset=ds, image_size=self.feature_image_size,
+                seed=self.seed)
+        elif self.baseline == "none":
             self.encoder, _ = load_encoder(self.run_dir)
             self.enc_hash = _keyed_hash(self.encoder, encoder_kwargs(self.cfg, for_eval=True))
             self.source = f"{self.cfg.encoder.name} (pretrained, {self.run_dir.name})"
@@ -170,7 +181,9 @@ class EvalContext:
 
     def provenance(self, sets: dict[str, FeatureSet]) -> dict[str, Any]:
         return {"source": self.source, "baseline": self.baseline, "encoder": str(self.cfg.encoder.name),
-                "encoder_hash": self.enc_hash, "dataset": str(self.cfg.data.name),
+                "encoder_hash": self.enc_hash,
+                "dataset": self.data.label if self.data is not None else str(self.cfg.data.name),
+                **({"dataset_spec": self.data.describe()} if self.data is not None else {}),
                 "image_size": self.feature_image_size,
                 "splits": {name: {"size": int(len(fs.labels)), **fs.provenance()} for name, fs in sets.items()}}
 
@@ -185,12 +198,22 @@ def _keyed_hash(encoder: nn.Module, arguments: dict[str, Any]) -> str:
 def load_context(run_dir: str | Path, *, baseline: str = "none", device: str | torch.device | None = None,
                  batch_size: int | None = None, train_subset: int | None = None, test_subset: int | None = None,
                  use_cache: bool = True, cache_dir: str | Path | None = None, progress: bool = True,
-                 seed: int = DEFAULT_SEED, bf16: bool | None = None) -> EvalContext:
-    """Resolve the run and the evaluation settings (the encoder is loaded on first use).
+                 seed: int = DEFAULT_SEED, bf16: bool | None = None, dataset: str | Path | None = None,
+                 dataset_args: Any = None, weights: str | Path | None = None, train_split: str | None = None,
+                 eval_split: str | None = None, image_size: int | None = None,
+                 out_dir: str | Path | None = None) -> EvalContext:
+    """Resolve the source, the dataset and the evaluation settings (the encoder is loaded on first use).
 
     Args:
-        run_dir: a run directory, its ``-latest`` link, or a file inside it.
-        baseline: "none" (the run's encoder), "pixels" or "random".
+        run_dir: the feature source (:mod:`sslkit.eval.sources`): a run directory (its ``-latest`` link, or a
+            file inside it), ``"timm:<name>"`` (with ``weights``), ``"pixels"`` or ``"random:<encoder>"``.
+        baseline: "none" (the source's encoder), "pixels" or "random" (its architecture, random weights).
+        dataset, dataset_args: the dataset to evaluate on, a registered name with its arguments (a dict or
+            ``key=value`` strings) or an image-folder path; default the run's own.
+        weights: the local weights file (or export folder) of a ``timm:`` source.
+        train_split, eval_split: the bank / gallery split and the query split.
+        image_size: evaluation resolution (default: the run's, the timm model's, or the dataset's).
+        out_dir: where ``eval/`` goes (default: the run, ``RUN/transfer/<dataset>/``, or ``evals/...``).
         device: where features are extracted (default: CUDA when available).
         batch_size: extraction batch (default: the recipe's ``eval.batch_size``).
         train_subset, test_subset: fixed random subsets of the train and eval splits.
@@ -198,19 +221,27 @@ def load_context(run_dir: str | Path, *, baseline: str = "none", device: str | t
         seed: subsets, random-encoder weights, copies, plots.
         bf16: bf16 autocast for extraction (default: on CUDA only).
     """
-    from sslkit.run import eval_image_size, load_config, resolve_run_dir
-
     if baseline not in BASELINES:
         raise EvalError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
     for name, n in (("train_subset", train_subset), ("test_subset", test_subset)):
         if n is not None and n <= 0:
             raise EvalError(f"{name} must be positive, got {n}")
-    rd = resolve_run_dir(run_dir)
-    cfg = load_config(rd)
+    res = sources.resolve(run_dir, dataset=dataset, dataset_args=dataset_args, weights=weights,
+                         train_split=train_split, eval_split=eval_split, image_size=image_size, out_dir=out_dir)
+    if res.source.kind == "pixels":  # the raw-pixel source is the pixel baseline on the chosen dataset
+        if baseline == "random":
+            raise EvalError("pixels has no architecture to initialise randomly; use random:<encoder> as the source.")
+        baseline = "pixels"
+    cfg = res.cfg
     bs = int(batch_size or cfg.get("eval", {}).get("batch_size") or 512)
-    cache = (Path(cache_dir) if cache_dir is not None else rd / "features") if use_cache else None
-    return EvalContext(rd, cfg, baseline, eval_image_size(cfg), default_device(device), bs, cache, progress, seed,
-                       train_subset, test_subset, bf16)
+    cache = (Path(cache_dir) if cache_dir is not None else res.cache_dir) if use_cache else None
+    ctx = EvalContext(res.out_dir, cfg, baseline, res.image_size or 0, default_device(device), bs, cache, progress,
+                      seed, train_subset, test_subset, bf16, feature_source=res.source, data=res.data)
+    if not ctx.image_size:  # pixels / random: on the dataset's own image size
+        if res.data.missing:
+            raise EvalError(f"{NO_DATASET} Evaluations on folders of their own need --image-size instead.")
+        ctx.image_size = sources.dataset_image_size(ctx.dataset("train"))
+    return ctx
 
 
 def _postprocess(ctx: EvalContext, reference: FeatureSet, *others: FeatureSet) -> list[torch.Tensor]:
@@ -293,7 +324,9 @@ def summarize(kind: str, metrics: dict, settings: dict | None = None) -> str:
         if "speedup" in metrics:
             parts.append(f"speed-up {metrics['speedup']:.1f}x")
         return ", ".join(parts) + f" [{metrics['index']}]"
-    if kind == "copy":
+    if kind == "retrieval_sets":
+        return f"mAP {metrics['map']:.2f}, mAP@R {metrics['map@r']:.2f}, R@1 {metrics['recall@1']:.2f} [{metrics['index']}]"
+    if kind in ("copy", "copy_folder"):
         return f"mAP {metrics['map']:.2f}, R@1 {metrics['recall@1']:.2f} [{metrics['index']}]"
     return json.dumps(metrics, default=_jsonable)[:200]
 
@@ -318,7 +351,8 @@ def _finish(ctx: EvalContext, kind: str, metrics: dict, settings: dict, sets: di
     path = write_results(out / RESULTS_NAME, payload)
     sizes = " / ".join(f"{name} {len(fs.labels)}" for name, fs in sets.items())
     cells = [payload["created"].replace("T", " "), kind, ctx.baseline if ctx.baseline != "none" else "encoder",
-             f"{ctx.cfg.data.name} {sizes}", summarize(kind, metrics, settings), f"{total:.1f} s",
+             f"{settings.get('data_label') or ctx.cfg.data.name} {sizes}", summarize(kind, metrics, settings),
+             f"{total:.1f} s",
              f"[results]({path.relative_to(ctx.run_dir / 'eval')})"]
     append_report_row(ctx.run_dir / "eval" / REPORT_NAME, cells)
     return {**payload, "results_path": str(path)}
@@ -351,6 +385,7 @@ def _num_classes(ctx: EvalContext, *label_sets: torch.Tensor) -> int:
 def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
             temperature: float = knn_mod.DEFAULT_TEMPERATURE, center: bool = True,
             whiten: int | str | None = "recipe", plots: bool = True, max_plot_points: int = 2000,
+            bank_dtype: str | None = None, bank_on_disk: bool | None = None, chunk_size: int | None = None,
             **opts: Any) -> dict:
     """Weighted k-NN (DINO) of the eval split against the train split; see :func:`load_context` for ``opts``.
 
@@ -365,6 +400,9 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
     the bank (no labels). That is a different protocol, given beside the main figures and never in place of
     them. ``"recipe"`` (the default) takes the run's ``eval.knn_whiten``; ``None`` or 0 adds none.
 
+    ``bank_dtype`` / ``bank_on_disk`` / ``chunk_size`` choose the bounded-memory search (float16 or on-disk bank,
+    rows per chunk; :func:`sslkit.eval.knn.plan_bank`); None = automatic by bank size. The figures do not change.
+
     Returns the results payload; ``metrics`` maps each ``k`` (as a string) to ``{"top1", "top5", ...}`` (%), and
     ``settings["whitened_also"]`` is the whitening dimension of the ``*_whitened`` figures (None without).
     """
@@ -377,6 +415,10 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
         whiten = _whiten_dim(ctx.cfg.eval.get("knn_whiten"))
     train, test = ctx.features("train"), ctx.features(ctx.eval_split)
     num_classes = _num_classes(ctx, train.labels, test.labels)
+    bank = {"bank_dtype": bank_dtype, "bank_on_disk": bank_on_disk, "bank_chunk_size": chunk_size,
+            "progress": ctx.progress}
+    plan = knn_mod.plan_bank(len(train.labels), int(train.features.shape[1]), bank_dtype=bank_dtype,
+                             on_disk=bank_on_disk, chunk_size=chunk_size)
 
     def figures() -> dict[str, dict[str, float]]:
         # Raw features in: headline_protocols centres / whitens and normalises, pixels included. One k per call.
@@ -384,7 +426,7 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
         for kk in ks:
             res = knn_mod.headline_protocols(train.features, train.labels, test.features, test.labels, k=kk,
                                              temperature=temperature, num_classes=num_classes, center=center,
-                                             whiten=whiten)
+                                             whiten=whiten, **bank)
             row = {"top1": res["top1"], "top5": res["top5"]}
             if center:
                 row.update(top1_centred=res["top1"], top5_centred=res["top5"])
@@ -406,7 +448,9 @@ def run_knn(run_dir: str | Path, *, k: int | Sequence[int] = knn_mod.DEFAULT_KS,
                                    title=f"t-SNE of {ctx.eval_split} features: {ctx.source}"))
     settings = {"k": ks, "temperature": temperature, "metric": "cosine", "center": center,
                 "headline": "centred on the bank mean" if center else "uncentred (DINO's protocol)",
-                "whitened_also": whiten, "index": "Flat (exact)", "faiss_gpu": knn_mod.faiss_gpu_available()}
+                "whitened_also": whiten, "index": "Flat (exact)", "faiss_gpu": knn_mod.faiss_gpu_available(),
+                "bank": "FAISS, float32 in memory" if plan is None else
+                f"chunked ({plan.chunk_rows} rows), {plan.dtype}{' on disk' if plan.on_disk else ' in memory'}"}
     return _finish(ctx, "knn", metrics, settings, {"train": train, ctx.eval_split: test}, t0, t_eval, pics)
 
 
@@ -414,14 +458,20 @@ def run_linear(run_dir: str | Path, *, lrs: Sequence[float] = linear_mod.DEFAULT
                weight_decays: Sequence[float] = linear_mod.DEFAULT_WEIGHT_DECAYS,
                epochs: int | None = None, linear_batch_size: int | None = linear_mod.DEFAULT_BATCH_SIZE,
                val_fraction: float = linear_mod.DEFAULT_VAL_FRACTION, batchnorm: bool = True,
-               paper: bool = False, lr: float = linear_mod.PAPER_LR, **opts: Any) -> dict:
+               paper: bool = False, lr: float = linear_mod.PAPER_LR, label_fraction: float | None = None,
+               **opts: Any) -> dict:
     """Linear probe: by default on cached features with an lr x weight-decay sweep chosen on a validation split
     of train; with ``paper=True`` trained on augmented images through the frozen encoder (slow on CPU).
 
     ``batchnorm`` (default on) puts ``BatchNorm1d(affine=False)`` before the classifier (MAE recipe).
+    ``label_fraction`` trains on a fixed class-balanced share of the train labels (:func:`linear.balanced_subset`).
     """
     t0 = time.perf_counter()
     ctx = load_context(run_dir, **opts)
+    if label_fraction is not None and not 0 < label_fraction <= 1:
+        raise EvalError(f"--label-fraction must be in (0, 1], e.g. 0.01 or 0.1; got {label_fraction}")
+    if paper and label_fraction is not None:
+        raise EvalError("--label-fraction applies to the linear probe on features; drop --paper to use it")
     if paper:
         return _run_linear_paper(ctx, t0, epochs=epochs or linear_mod.PAPER_EPOCHS, lr=lr, batchnorm=batchnorm)
     train, test = ctx.features("train"), ctx.features(ctx.eval_split)
@@ -430,7 +480,8 @@ def run_linear(run_dir: str | Path, *, lrs: Sequence[float] = linear_mod.DEFAULT
     res, t_eval = _timed(lambda: linear_mod.linear_probe(
         tr_f, train.labels, te_f, test.labels, lrs=lrs, weight_decays=weight_decays, epochs=n_epochs,
         batch_size=linear_batch_size, val_fraction=val_fraction, batchnorm=batchnorm,
-        num_classes=_num_classes(ctx, train.labels, test.labels), seed=ctx.seed, device=ctx.device))
+        num_classes=_num_classes(ctx, train.labels, test.labels), seed=ctx.seed, device=ctx.device,
+        label_fraction=label_fraction))
     settings = {"path": "features", "lrs": list(lrs), "weight_decays": list(weight_decays), **res.pop("settings")}
     res.pop("seconds", None)
     return _finish(ctx, "linear", res, settings, {"train": train, ctx.eval_split: test}, t0, t_eval, [])
@@ -583,4 +634,6 @@ def run_copy_detection(run_dir: str | Path, *, index: str = retrieval_mod.DEFAUL
 
 
 RUNNERS: dict[str, Callable[..., dict]] = {"knn": run_knn, "linear": run_linear, "retrieval": run_retrieval,
-                                           "copy": run_copy_detection}
+                                           "copy": run_copy_detection,
+                                           "retrieval_sets": retrieval_mod.run_retrieval_sets,
+                                           "copy_folder": retrieval_mod.run_copy_folder}
