@@ -139,6 +139,26 @@ def fit_linear_heads(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, lrs:
     return LinearHeads(weight.detach().cpu(), bias.detach().cpu(), mean, var)
 
 
+def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a fixed, class-balanced ``fraction`` of ``labels`` (SimCLR's 1% / 10% label protocol).
+
+    Every class keeps ``max(1, round(fraction * count))`` of its items, drawn by a generator seeded with ``seed``
+    (the same subset on every call and machine). Unlabelled items (-1) are never drawn.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}; e.g. 0.01 or 0.1 (SimCLR's 1% and 10%)")
+    labels = torch.as_tensor(labels).long()
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(labels[labels >= 0]).tolist():
+        idx = (labels == c).nonzero().flatten()
+        k = max(1, int(round(fraction * len(idx))))
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    if not keep:
+        raise ValueError("a label fraction needs labelled data; every label is -1")
+    return torch.cat(keep).sort().values
+
+
 def split_train_val(n: int, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random disjoint ``(fit_idx, val_idx)`` over ``range(n)``, at least one item in each."""
     if not 0.0 < val_fraction < 1.0:
@@ -155,7 +175,7 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
                  weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, epochs: int = DEFAULT_EPOCHS,
                  batch_size: int | None = DEFAULT_BATCH_SIZE, val_fraction: float = DEFAULT_VAL_FRACTION,
                  batchnorm: bool = False, num_classes: int | None = None, seed: int = 0,
-                 device: str | torch.device | None = None) -> dict:
+                 device: str | torch.device | None = None, label_fraction: float | None = None) -> dict:
     """Linear-probe accuracy on features, with lr and weight decay chosen on a validation split of train.
 
     Args:
@@ -164,6 +184,8 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
         epochs, batch_size, batchnorm: see :func:`fit_linear_heads`.
         val_fraction: share of the train set held out to choose the hyper-parameters.
         num_classes: C; None = 1 + the largest label.
+        label_fraction: keep only this class-balanced fraction of the train labels (:func:`balanced_subset`,
+            seeded with ``seed``); the test set is whole.
 
     Returns:
         ``{"top1", "top5"}`` on the test set (%), ``"best"`` ({lr, weight_decay, val_top1}), ``"sweep"`` (one row per
@@ -172,6 +194,9 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     if (torch.as_tensor(train_labels) < 0).any():
         raise ValueError("a linear probe needs labelled data; found label -1 (unlabelled images)")
     train_y, test_y = train_labels.long().cpu(), test_labels.long().cpu()
+    if label_fraction is not None:
+        keep = balanced_subset(train_y, label_fraction, seed)
+        train_feats, train_y = train_feats[keep], train_y[keep]
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max() if len(test_y) else 0)) + 1
     grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
@@ -192,7 +217,7 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
             "settings": {"epochs": epochs, "batch_size": batch_size, "batchnorm": batchnorm,
                          "val_fraction": val_fraction, "num_fit": len(fit_idx), "num_val": len(val_idx),
                          "num_classes": num_classes, "optimizer": f"sgd(momentum={DEFAULT_MOMENTUM}), cosine",
-                         "seed": seed},
+                         "seed": seed, "label_fraction": label_fraction, "num_train": len(train_y)},
             "seconds": time.perf_counter() - t0}
 
 
