@@ -167,15 +167,23 @@ def load_image_files(paths: Sequence[str | Path], image_size: int) -> torch.Tens
     return torch.stack(out)
 
 
-def dataset_images(cfg, n: int, image_size: int) -> tuple[torch.Tensor, list[str]]:
-    """The first ``n`` images of the run's evaluation split, as the evaluation sees them -> (n, 3, S, S)."""
+def dataset_images(cfg, n: int, image_size: int, dataset: str | None = None) -> tuple[torch.Tensor, list[str]]:
+    """The first ``n`` images of the run's evaluation split (or of registered ``dataset``'s test split), as the
+    evaluation sees them -> (n, 3, S, S)."""
     from sslkit.run import build_dataset
 
-    ds = build_dataset(cfg, cfg.data.get("eval_split", "test"))
+    if dataset:
+        from sslkit.plugins import load_all
+        from sslkit.registry import DATASETS
+
+        load_all()
+        ds = DATASETS.build(dataset, split="test", root=cfg.data.get("root"))
+    else:
+        ds = build_dataset(cfg, cfg.data.get("eval_split", "test"))
     tf = eval_transform(image_size)
     n = min(n, len(ds))
     items = [ds[i] for i in range(n)]
-    names = [_file_safe(f"{cfg.data.name}_{i:04d}_{ds.classes[label] if 0 <= label < len(ds.classes) else label}")
+    names = [_file_safe(f"{dataset or cfg.data.name}_{i:04d}_{ds.classes[label] if 0 <= label < len(ds.classes) else label}")
              for i, (_, label) in enumerate(items)]
     return torch.stack([tf(img) for img, _ in items]), names
 
@@ -190,7 +198,10 @@ def add_image_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("run", metavar="RUN", help="run directory (or its -latest link)")
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="image files (any PIL format)")
     parser.add_argument("--from-dataset", type=int, default=0, metavar="N",
-                        help="also use the first N images of the run's evaluation split")
+                        help="also use the first N images of the run's evaluation split (or of --dataset)")
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="take --from-dataset images from this registered dataset's test split instead, e.g. "
+                             "fmnist_scenes (see `sslkit list datasets`)")
     parser.add_argument("--out", default=None, help=out_help)
     parser.add_argument("--image-size", type=int, default=None,
                         help="input resolution (a multiple of the patch size; default: the run's evaluation size). "
@@ -221,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
     if args.images:
         batches.append((load_image_files(args.images, size), [Path(p).stem for p in args.images]))
     if args.from_dataset > 0:
-        batches.append(dataset_images(cfg, args.from_dataset, size))
+        batches.append(dataset_images(cfg, args.from_dataset, size, args.dataset))
     out_dir = Path(args.out) if args.out else resolve_run_dir(args.run) / "attention"
     for images, names in batches:
         maps = attention_maps(encoder, images.to(args.device)).cpu()  # (B, heads, h, w)

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         parts.append(load_image_files(args.images, size))
         names += [Path(p).stem for p in args.images]
     if args.from_dataset > 0:
-        imgs, ds_names = dataset_images(cfg, args.from_dataset, size)
+        imgs, ds_names = dataset_images(cfg, args.from_dataset, size, args.dataset)
         parts.append(imgs)
         names += ds_names
     images = torch.cat(parts)
