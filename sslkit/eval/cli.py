@@ -16,6 +16,7 @@ from typing import Any
 from sslkit.eval import knn as knn_mod
 from sslkit.eval import linear as linear_mod
 from sslkit.eval import retrieval as retrieval_mod
+from sslkit.eval.sources import add_source_arguments, source_options
 from sslkit.registry import error_line
 
 BASELINE_CHOICES = ("none", "pixels", "random", "all")
@@ -23,11 +24,10 @@ EXIT_USAGE = 2
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
-                   help="run directory, its -latest link, or a file inside it (checkpoint, encoder.safetensors)")
+    add_source_arguments(p)  # SOURCE (run, timm:, pixels, random:) and the dataset to evaluate on
     p.add_argument("--baseline", choices=BASELINE_CHOICES, default="none",
-                   help="features to evaluate: the run's encoder (none), raw pixels, a randomly initialised encoder "
-                        "of the run's architecture, or all three side by side")
+                   help="features to evaluate: the source's encoder (none), raw pixels, a randomly initialised "
+                        "encoder of the source's architecture, or all three side by side")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=None, help="feature-extraction batch (default: eval.batch_size)")
     p.add_argument("--train-subset", type=int, default=None, metavar="N",
@@ -78,6 +78,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                         "the bank, without labels (Jegou & Chum 2012), then L2-normalised. A different protocol, "
                         "reported beside the main top1 / top5 and never in their place. Default: the run's "
                         "eval.knn_whiten (none in the shipped recipes); 0 = none")
+    p.add_argument("--bank-dtype", choices=knn_mod.BANK_DTYPES, default=None,
+                   help="store the k-NN bank in this precision and search it in chunks (float16 halves the memory; "
+                        "similarities move by at most 2^-11). Default: float32 FAISS search, float16 chunks for "
+                        "banks above 1 GiB in float32")
+    p.add_argument("--bank-on-disk", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the chunked bank in a temporary .npy file instead of memory (default: above 4 GiB)")
+    p.add_argument("--chunk-size", type=int, default=None, metavar="ROWS",
+                   help="bank rows per chunk of the chunked search: peak memory grows with it, not with the bank "
+                        "(default: about 1M numbers per chunk)")
     p.set_defaults(func=cmd_knn)
 
     p = subparsers.add_parser("linear", help="linear probe on frozen features",
@@ -100,6 +109,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help="train on augmented images (random resized crop + flip) through the frozen encoder, SGD + "
                         "cosine (DINO/MAE protocol). Slow on CPU: a GPU recipe option")
     p.add_argument("--lr", type=float, default=linear_mod.PAPER_LR, help="--paper: lr for batch 256 (scaled linearly)")
+    p.add_argument("--label-fraction", type=float, default=None, metavar="F",
+                   help="train on a fixed, seeded, class-balanced fraction F of the train labels (SimCLR's 0.01 / 0.1 "
+                        "protocol); the test split stays whole")
     p.set_defaults(func=cmd_linear)
 
     p = subparsers.add_parser("retrieval", help="image retrieval with FAISS (mAP@R, recall@k)",
@@ -111,6 +123,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     _index_args(p)
     p.add_argument("--ef-search", type=int, default=retrieval_mod.DEFAULT_EF_SEARCH, help="HNSW search breadth")
     p.add_argument("--ks", type=int, nargs="+", default=list(retrieval_mod.DEFAULT_KS), help="recall@k cut-offs")
+    p.add_argument("--queries", default=None, metavar="DIR",
+                   help="with --gallery: retrieve the images of this folder in the gallery folder instead of the "
+                        "run's splits; reports mAP, mAP@R and recall@k")
+    p.add_argument("--gallery", default=None, metavar="DIR", help="the gallery folder for --queries")
+    p.add_argument("--ground-truth", default=None, metavar="FILE.json",
+                   help="relevance for --queries / --gallery: {\"query/rel/path.jpg\": [\"gallery/rel/path.jpg\", ...]}; "
+                        "default: images in class folders of the same name are relevant")
     p.set_defaults(func=cmd_retrieval)
 
     p = subparsers.add_parser("copy", help="copy detection: find the source of augmented copies",
@@ -125,13 +144,33 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help="PCA-whiten the features to D dimensions learned on the gallery, without labels, before the "
                         "search (DINO's copy detection whitens); the plain figures are given too. Default 0 = off")
     p.add_argument("--ks", type=int, nargs="+", default=list(retrieval_mod.DEFAULT_KS), help="recall@k cut-offs")
+    p.add_argument("--folder", default=None, metavar="DIR",
+                   help="copy detection on this image folder (copies of its images searched among all of them and "
+                        "--distractors) instead of the run's eval split")
+    p.add_argument("--distractors", default=None, metavar="DIR", help="extra gallery images for --folder")
     p.set_defaults(func=cmd_copy)
+
+    # Verbs whose module exposes add_arguments(parser) and run(args) (their options differ from the common ones).
+    from sslkit.eval import segment as segment_mod
+
+    p = subparsers.add_parser("segment", help="linear segmentation probe on frozen patch features (mIoU)",
+                              description=segment_mod.__doc__.split("\n\n")[1])
+    segment_mod.add_arguments(p)
+    p.set_defaults(func=segment_mod.run)
+
+    from sslkit.eval import finetune as finetune_mod
+
+    p = subparsers.add_parser("finetune", help="end-to-end fine-tuning with a linear head, beside the linear probe",
+                              description=finetune_mod.__doc__.split("\n\n")[1])
+    finetune_mod.add_arguments(p)
+    p.set_defaults(func=finetune_mod.run)
 
 
 def _opts(args: argparse.Namespace) -> dict[str, Any]:
     return {"device": args.device, "batch_size": args.batch_size, "train_subset": args.train_subset,
             "test_subset": args.test_subset, "use_cache": not args.no_cache, "cache_dir": args.cache_dir,
-            "seed": args.seed, "progress": not args.no_progress, "bf16": True if args.bf16 else None}
+            "seed": args.seed, "progress": not args.no_progress, "bf16": True if args.bf16 else None,
+            **source_options(args)}
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, Any]:
@@ -204,22 +243,38 @@ def cmd_knn(args: argparse.Namespace) -> int:
     # The main figures never depend on whitening: --whiten / eval.knn_whiten only add *_whitened beside them.
     whiten = "recipe" if args.whiten is None else args.whiten
     return _run("knn", args, {"k": args.k, "temperature": args.temperature, "center": not args.no_center,
-                              "whiten": whiten, "plots": not args.no_plots}, legend=knn_legend)
+                              "whiten": whiten, "plots": not args.no_plots, "bank_dtype": args.bank_dtype,
+                              "bank_on_disk": args.bank_on_disk, "chunk_size": args.chunk_size}, legend=knn_legend)
 
 
 def cmd_linear(args: argparse.Namespace) -> int:
     return _run("linear", args, {"lrs": args.lrs, "weight_decays": args.wds, "epochs": args.epochs,
                                  "linear_batch_size": args.linear_batch_size or None,
                                  "val_fraction": args.val_fraction, "batchnorm": not args.no_batchnorm,
-                                 "paper": args.paper, "lr": args.lr})
+                                 "paper": args.paper, "lr": args.lr, "label_fraction": args.label_fraction})
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
+    if args.queries or args.gallery or args.ground_truth:
+        if not (args.queries and args.gallery):
+            print("sslkit: error: --queries and --gallery go together (and --ground-truth needs both)", file=sys.stderr)
+            return EXIT_USAGE
+        return _run("retrieval_sets", args, {"queries": args.queries, "gallery": args.gallery,
+                                             "ground_truth": args.ground_truth, "index": args.index,
+                                             "nprobe": args.nprobe, "ef_search": args.ef_search, "ks": args.ks,
+                                             "plots": not args.no_plots})
     return _run("retrieval", args, {"index": args.index, "nprobe": args.nprobe, "ef_search": args.ef_search,
                                     "ks": args.ks, "plots": not args.no_plots})
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
+    if args.folder or args.distractors:
+        if not args.folder:
+            print("sslkit: error: --distractors needs --folder DIR (the images to copy)", file=sys.stderr)
+            return EXIT_USAGE
+        return _run("copy_folder", args, {"folder": args.folder, "distractors": args.distractors,
+                                          "index": args.index, "nprobe": args.nprobe, "num_queries": args.num_queries,
+                                          "ks": args.ks, "whiten": args.whiten, "plots": not args.no_plots})
     return _run("copy", args, {"index": args.index, "nprobe": args.nprobe, "num_queries": args.num_queries,
                                "ks": args.ks, "whiten": args.whiten, "plots": not args.no_plots})
 

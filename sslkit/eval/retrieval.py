@@ -22,6 +22,15 @@ relevant item, its source, so AP is ``1 / rank`` of the source within the retrie
 features before the search, with a PCA learned on 20k extra unlabelled images; ``whiten=d`` does the same with
 a PCA learned on the gallery itself (no labels are used), and keeps the plain figures next to the whitened ones.
 
+**Explicit query and gallery sets** (:func:`run_retrieval_sets`, ``sslkit eval retrieval RUN --queries Q
+--gallery G``): two image folders; a gallery image is relevant to a query when both sit in class folders of the
+same name, or when a ground-truth JSON (``{"query/relative/path.jpg": ["gallery/relative/path.jpg", ...]}``)
+says so. :func:`set_retrieval_metrics` ranks the whole gallery for each query and reports, over the queries with
+at least one relevant image: **mAP** (AP over the full ranking, ``1/R * sum_i P(i) rel(i)``), **mAP@R**
+(Musgrave et al., as above) and **recall@k** (a relevant image among the first ``k``). :func:`run_copy_folder`
+does copy detection on a user folder: copies of its images are searched in a gallery of the folder itself
+plus an optional folder of distractors.
+
 Example::
 
     res = retrieval_metrics(test_f, test_y, train_f, train_y, index="IVF64,Flat", nprobe=8)
@@ -31,9 +40,13 @@ Example::
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import torch
@@ -444,3 +457,276 @@ def copy_detection_metrics(query_feats: torch.Tensor, source_ids: torch.Tensor, 
     if return_ids:
         out["ids"] = ids[:, :return_ids]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Explicit query and gallery sets
+# ----------------------------------------------------------------------------------------------------------
+
+MAX_GROUND_TRUTH_BYTES = 64 << 20  # a ground-truth JSON larger than this is refused (untrusted input)
+
+
+def folder_dataset(root: str | Path, labeled: bool = True):  # noqa: ANN201 - an ImageFolderDataset
+    """The images under ``root`` (the folder itself, never a ``train``/``val`` sub-folder), in sorted order.
+    ``labeled``: one class per sub-folder holding images (images beside them are left out), or label -1 for
+    all when there is none; otherwise every image below ``root``, label -1."""
+    from sslkit.data.image_folder import image_folder
+
+    return image_folder(split=".", root=str(root), labeled=labeled)  # root / "." is root: no split folder
+
+
+def relative_paths(ds: Any, root: str | Path) -> list[str]:
+    """``ds.files`` relative to ``root``, with ``/`` separators (the keys of a ground-truth JSON)."""
+    base = Path(root).expanduser()
+    return [Path(f).relative_to(base).as_posix() for f in ds.files]
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """Which gallery rows are relevant to each query, by shared labels or by an explicit list of pairs.
+
+    ``counts`` ``(Q,)`` is R, the number of relevant gallery rows per query. Labels: query and gallery labels in
+    one label space (-1: never relevant). Pairs: sorted int64 codes ``query * gallery_size + gallery_row``.
+    """
+
+    counts: np.ndarray
+    gallery_size: int
+    query_labels: np.ndarray | None = None
+    gallery_labels: np.ndarray | None = None
+    pairs: np.ndarray | None = None
+
+    @classmethod
+    def from_labels(cls, query_labels: np.ndarray, gallery_labels: np.ndarray) -> Relevance:
+        q, g = np.asarray(query_labels, np.int64), np.asarray(gallery_labels, np.int64)
+        return cls(relevant_counts(q, g), len(g), query_labels=q, gallery_labels=g)
+
+    @classmethod
+    def from_lists(cls, relevant: Sequence[Sequence[int]], gallery_size: int) -> Relevance:
+        codes = [q * gallery_size + np.unique(np.asarray(rows, np.int64)) for q, rows in enumerate(relevant)]
+        pairs = np.sort(np.concatenate(codes)) if codes else np.zeros(0, np.int64)
+        counts = np.array([len(np.unique(np.asarray(rows, np.int64))) for rows in relevant], np.int64)
+        return cls(counts, int(gallery_size), pairs=pairs)
+
+    def matrix(self, start: int, ids: np.ndarray) -> np.ndarray:
+        """``(q, depth)`` bool: is retrieved row ``ids[i, j]`` relevant to query ``start + i``? (-1: never)."""
+        if self.pairs is not None:
+            rows = np.arange(start, start + len(ids), dtype=np.int64)[:, None]  # (q, 1)
+            hit = np.isin(rows * self.gallery_size + np.clip(ids, 0, None), self.pairs)
+        else:
+            q = self.query_labels[start:start + len(ids)]  # (q,)
+            hit = (self.gallery_labels[np.clip(ids, 0, None)] == q[:, None]) & (q[:, None] >= 0)
+        return hit & (ids != MISSING)
+
+
+def class_relevance(query_classes: Sequence[str], query_labels: torch.Tensor, gallery_classes: Sequence[str],
+                    gallery_labels: torch.Tensor, *, where: str = "") -> Relevance:
+    """Relevance by class folder name: query class ``query_classes[y]`` against gallery class names."""
+    from sslkit.data.base import DataError
+
+    if not query_classes or not gallery_classes:
+        raise DataError(f"relevance by class folders needs class sub-folders in both the query and the gallery "
+                        f"folder{where}; one of them holds loose images only. Put images in <folder>/<class>/, or "
+                        "give --ground-truth FILE.json.")
+    index = {name: i for i, name in enumerate(gallery_classes)}
+    shared = sorted(set(query_classes) & set(index))
+    if not shared:
+        raise DataError(f"the query and gallery folders{where} share no class folder name (queries: "
+                        f"{', '.join(list(query_classes)[:5])}; gallery: {', '.join(list(gallery_classes)[:5])}). "
+                        "Name the folders alike, or give --ground-truth FILE.json.")
+    to_gallery = np.array([index.get(name, -1) for name in query_classes], np.int64)
+    q = torch.as_tensor(query_labels).long().numpy()
+    return Relevance.from_labels(np.where(q >= 0, to_gallery[np.clip(q, 0, None)], -1),
+                                 torch.as_tensor(gallery_labels).long().numpy())
+
+
+def _normal_path(p: str) -> str:
+    return PurePosixPath(p.replace("\\", "/")).as_posix()
+
+
+def load_ground_truth(path: str | Path, query_paths: Sequence[str], gallery_paths: Sequence[str]) -> Relevance:
+    """Relevance from a JSON object mapping query paths to lists of relevant gallery paths, each relative to
+    its folder with ``/`` separators. Queries it does not list have no relevant image (they are not scored).
+
+    Raises:
+        DataError: an unreadable or malformed file, or paths that are not in the folders (the message names them).
+    """
+    from sslkit.data.base import DataError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"ground-truth file {p} does not exist or is not a file.")
+    if p.stat().st_size > MAX_GROUND_TRUTH_BYTES:
+        raise DataError(f"ground-truth file {p} is larger than {MAX_GROUND_TRUTH_BYTES >> 20} MB; is it the right "
+                        "file?")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"ground-truth file {p} is not valid JSON: {e}") from e
+    form = ('{"query/path.jpg": ["gallery/path.jpg", ...], ...}, paths relative to the --queries and --gallery '
+            "folders")
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                                             for v in data.values()):
+        raise DataError(f"ground-truth file {p} must hold one JSON object {form}.")
+    q_index = {name: i for i, name in enumerate(query_paths)}
+    g_index = {name: i for i, name in enumerate(gallery_paths)}
+    entries = {_normal_path(k): [_normal_path(x) for x in v] for k, v in data.items()}
+    bad_q = [k for k in entries if k not in q_index]
+    bad_g = sorted({x for v in entries.values() for x in v if x not in g_index})
+    for bad, what, folder in ((bad_q, "query", "--queries"), (bad_g, "gallery", "--gallery")):
+        if bad:
+            raise DataError(f"ground-truth file {p} names {len(bad)} {what} path(s) that are not images of the "
+                            f"{folder} folder: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. Paths are "
+                            f"relative to that folder with / separators, e.g. "
+                            f"{next(iter(q_index if what == 'query' else g_index), 'class/image.jpg')!r}.")
+    relevant: list[list[int]] = [[] for _ in query_paths]
+    for k, v in entries.items():
+        relevant[q_index[k]] = [g_index[x] for x in v]
+    return Relevance.from_lists(relevant, len(gallery_paths))
+
+
+def set_retrieval_metrics(query_feats: torch.Tensor, gallery_feats: torch.Tensor, relevance: Relevance, *,
+                          index: str = DEFAULT_INDEX, ks: Sequence[int] = DEFAULT_KS, nprobe: int | None = None,
+                          ef_search: int = DEFAULT_EF_SEARCH, use_gpu: bool | None = None, return_ids: int = 0,
+                          chunk_entries: int = MAX_CHUNK_ENTRIES) -> dict:
+    """mAP, mAP@R and recall@k (%) of ``query_feats`` ``(Q, D)`` ranking all of ``gallery_feats`` ``(N, D)``.
+
+    Queries with no relevant gallery image (R = 0) are left out of every mean (``num_queries_scored`` counts
+    the others). Cosine similarity (L2-normalised inner product) with the ``index`` FAISS factory string.
+    """
+    from sslkit.data.base import DataError
+
+    if query_feats.shape[1] != gallery_feats.shape[1]:
+        raise ValueError(f"query and gallery dims differ: {query_feats.shape[1]} vs {gallery_feats.shape[1]}")
+    if len(gallery_feats) == 0 or len(gallery_feats) != relevance.gallery_size:
+        raise ValueError(f"gallery of {len(gallery_feats)} rows for a relevance over {relevance.gallery_size}")
+    scored = relevance.counts > 0  # (Q,)
+    if not scored.any():
+        raise DataError("no query has a relevant gallery image; check the class folders or the ground truth.")
+    gallery, queries = l2_normalize(gallery_feats), l2_normalize(query_feats)
+    idx = build_index(gallery, index, nprobe=nprobe, ef_search=ef_search, use_gpu=use_gpu)
+    per_query: dict[str, list[np.ndarray]] = {}
+    kept: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    for start, _, ids in iter_search(idx, queries, len(gallery), chunk_entries=chunk_entries):  # whole ranking
+        rel = relevance.matrix(start, ids)  # (q, N)
+        r = np.maximum(relevance.counts[start:start + len(ids)], 1)  # (q,)
+        pos = np.arange(1, ids.shape[1] + 1)[None, :]  # (1, N)
+        stats = {"map": (np.cumsum(rel, axis=1) / pos * rel).sum(axis=1) / r,
+                 "map@r": average_precision_at_r(rel, r)}
+        stats.update({f"recall@{k}": rel[:, :k].any(axis=1).astype(np.float64) for k in ks})
+        for name, v in stats.items():
+            per_query.setdefault(name, []).append(v)
+        kept.append(ids[:, :return_ids])
+    search_s = time.perf_counter() - t0
+    out: dict = {name: 100.0 * float(np.concatenate(v)[scored].mean()) for name, v in per_query.items()}
+    out.update({"num_queries": int(len(queries)), "num_queries_scored": int(scored.sum()),
+                "gallery_size": int(len(gallery)), "mean_relevant": float(relevance.counts[scored].mean()),
+                "index": index, "search_seconds": search_s})
+    if return_ids:
+        out["ids"] = np.concatenate(kept)
+    return out
+
+
+def _no_subsets(opts: dict[str, Any], what: str) -> None:
+    """Refuse the options that pick a dataset's splits and subsets: the folders are the sets."""
+    from sslkit.eval.report import EvalError
+
+    for name in ("train_subset", "test_subset", "dataset", "train_split", "eval_split"):
+        if opts.get(name) is not None:
+            raise EvalError(f"--{name.replace('_', '-')} does not apply to {what}; point the folders at the images "
+                            "to use instead.")
+
+
+def run_retrieval_sets(run_dir: str | Path, *, queries: str | Path, gallery: str | Path,
+                       ground_truth: str | Path | None = None, index: str = DEFAULT_INDEX,
+                       ks: Sequence[int] = DEFAULT_KS, nprobe: int | None = None, ef_search: int = DEFAULT_EF_SEARCH,
+                       plots: bool = True, **opts: Any) -> dict:
+    """Retrieval of a query folder in a gallery folder (module notes), written like every evaluation of the run
+    (``eval/retrieval_sets[_<baseline>]/results.json``, a report row, a grid PNG). ``opts`` as for
+    :func:`sslkit.eval.report.load_context` (no subsets: the folders are the sets)."""
+    from sslkit.eval import report
+    from sslkit.eval.plots import GRID_NEIGHBOURS, GRID_QUERIES, retrieval_grid
+
+    _no_subsets(opts, "--queries / --gallery folders")
+    t0 = time.perf_counter()
+    ctx = report.load_context(run_dir, **opts)
+    labeled = ground_truth is None  # with a ground truth, every image below each folder takes part
+    q_ds, g_ds = folder_dataset(queries, labeled), folder_dataset(gallery, labeled)
+    if ground_truth is not None:
+        relevance = load_ground_truth(ground_truth, relative_paths(q_ds, queries), relative_paths(g_ds, gallery))
+    else:
+        relevance = class_relevance(q_ds.classes, q_ds.labels, g_ds.classes, g_ds.labels,
+                                    where=f" ({queries}, {gallery})")
+    q_fs, g_fs = ctx.features_of(q_ds, "queries"), ctx.features_of(g_ds, "gallery")
+    g_f, q_f = report._postprocess(ctx, g_fs, q_fs)
+    res, t_eval = report._timed(lambda: set_retrieval_metrics(
+        q_f, g_f, relevance, index=index, ks=ks, nprobe=nprobe, ef_search=ef_search,
+        return_ids=GRID_NEIGHBOURS if plots else 0))
+    ids = res.pop("ids", None)
+    pics: list[Path] = []
+    if plots and ids is not None:
+        pick = report._pick(len(q_ds), GRID_QUERIES, ctx.seed).sort().values
+        nb = ids[pick.numpy()]  # (q, K)
+        correct = np.concatenate([relevance.matrix(int(i), nb[j:j + 1]) for j, i in enumerate(pick)])
+        n_imgs = torch.stack([report._grid_images(g_ds, np.clip(row, 0, None).tolist()) for row in nb])
+        pics.append(retrieval_grid(report._grid_images(q_ds, pick.tolist()), n_imgs, correct,
+                                   report.eval_dir(ctx.run_dir, "retrieval_sets", ctx.baseline) / "retrieval_grid.png",
+                                   title=f"{ctx.source}: queries and their nearest gallery images (green = relevant)"))
+    settings = {"index": index, "ks": list(ks), "nprobe": nprobe, "ef_search": ef_search,
+                "queries": str(queries), "gallery": str(gallery), "data_label": f"folders {queries} -> {gallery}",
+                "relevance": f"ground truth {ground_truth}" if ground_truth is not None else "shared class folder names",
+                "metric": "cosine (inner product, L2-normalised)"}
+    return report._finish(ctx, "retrieval_sets", res, settings, {"gallery": g_fs, "queries": q_fs}, t0, t_eval, pics)
+
+
+def run_copy_folder(run_dir: str | Path, *, folder: str | Path, distractors: str | Path | None = None,
+                    index: str = DEFAULT_INDEX, ks: Sequence[int] = DEFAULT_KS,
+                    num_queries: int = DEFAULT_COPY_QUERIES, nprobe: int | None = None, whiten: int | None = None,
+                    plots: bool = True, **opts: Any) -> dict:
+    """Copy detection on a user folder: copies (:func:`make_copies`) of up to ``num_queries`` of its images are
+    searched in a gallery of all its images followed by those of ``distractors``. Metrics as
+    :func:`copy_detection_metrics`; written to ``eval/copy_folder[_<baseline>]/``."""
+    from sslkit.eval import report
+    from sslkit.eval.features import dataset_description
+    from sslkit.eval.plots import GRID_NEIGHBOURS, GRID_QUERIES, retrieval_grid
+
+    _no_subsets(opts, "--folder / --distractors")
+    whiten = report._whiten_dim(whiten)
+    if num_queries <= 0:
+        raise report.EvalError(f"num_queries must be positive, got {num_queries}")
+    t0 = time.perf_counter()
+    ctx = report.load_context(run_dir, **opts)
+    src_ds = folder_dataset(folder)
+    query_ds, src = report.make_copy_queries(src_ds, num_queries, ctx.seed)
+    query_ds.source = f"{query_ds.source} [{dataset_description(src_ds)}]"  # the copies change with the files
+    sets = {"folder": ctx.features_of(src_ds, "copy folder")}
+    if distractors is not None:
+        sets["distractors"] = ctx.features_of(folder_dataset(distractors), "distractors")
+    sets["copies"] = ctx.features_of(query_ds, "copies")
+    g_f = torch.cat([fs.features for name, fs in sets.items() if name != "copies"])  # (N, D): folder first
+    q_f = sets["copies"].features
+    if ctx.baseline == "pixels":
+        g_f, q_f = report.center_and_normalize(g_f, q_f)
+    res, t_eval = report._timed(lambda: copy_detection_metrics(
+        q_f, src, g_f, index=index, ks=ks, nprobe=nprobe, return_ids=GRID_NEIGHBOURS if plots else 0, whiten=whiten))
+    ids = res.pop("ids", None)
+    pics: list[Path] = []
+    if plots and ids is not None:
+        pick = report._pick(len(src), GRID_QUERIES, ctx.seed)
+        nb = ids[pick.numpy()]
+        gallery_image = _concat_lookup(src_ds, folder_dataset(distractors) if distractors is not None else None)
+        n_imgs = torch.stack([report._grid_images(gallery_image, np.clip(row, 0, None).tolist()) for row in nb])
+        pics.append(retrieval_grid(report._grid_images(query_ds, pick.tolist()), n_imgs,
+                                   torch.from_numpy(nb) == src[pick][:, None],
+                                   report.eval_dir(ctx.run_dir, "copy_folder", ctx.baseline) / "copy_grid.png",
+                                   title=f"{ctx.source}: copies and their nearest images (green = source)"))
+    settings = {"index": index, "ks": list(ks), "num_queries": int(len(src)), "nprobe": nprobe,
+                "folder": str(folder), "distractors": str(distractors) if distractors is not None else None,
+                "data_label": f"folder {folder}" + (f" + distractors {distractors}" if distractors is not None else ""),
+                "num_distractors": int(len(sets["distractors"].labels)) if "distractors" in sets else 0,
+                "whiten": res.get("whiten")}
+    return report._finish(ctx, "copy_folder", res, settings, sets, t0, t_eval, pics)
+
+
+def _concat_lookup(first: Any, second: Any | None) -> torch.utils.data.ConcatDataset | Any:
+    return first if second is None else torch.utils.data.ConcatDataset([first, second])
