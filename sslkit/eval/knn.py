@@ -145,7 +145,8 @@ def flat_ip_index(bank: np.ndarray, use_gpu: bool | None = None):  # noqa: ANN20
 # Bounded memory: a float16 or on-disk bank, searched chunk by chunk
 # ----------------------------------------------------------------------------------------------------------
 
-AUTO_CHUNKED_BYTES = 1 << 30  # a bank above this in float32 is searched in chunks over a float16 copy
+AUTO_CHUNKED_BYTES = 256 << 20  # a bank above this in float32 is searched in chunks (same figures, one copy)
+AUTO_FP16_BYTES = 1 << 30  # above this the chunked bank is stored in float16
 AUTO_DISK_BYTES = 4 << 30  # a stored bank above this (in its storage dtype) is kept on disk
 BANK_CHUNK_ENTRIES = 1 << 20  # bank rows x dims per chunk when no chunk size is given (4 MiB of float32)
 BANK_DTYPES = ("float32", "float16")
@@ -308,7 +309,8 @@ def plan_bank(rows: int, dim: int, *, bank_dtype: str | None = None, on_disk: bo
     """The bank's storage, or None for the default FAISS search over an in-memory float32 copy.
 
     With every option None (auto), banks up to :data:`AUTO_CHUNKED_BYTES` in float32 get the default search;
-    larger ones (and ``from_disk`` sources) are chunked, in float16, on disk above :data:`AUTO_DISK_BYTES`.
+    larger ones (and ``from_disk`` sources) are chunked: in float32 (the same figures as the default search, with
+    one copy of the bank) up to :data:`AUTO_FP16_BYTES`, in float16 above, on disk above :data:`AUTO_DISK_BYTES`.
     Any option given selects the chunked search; the others stay automatic (float32 for small banks).
     """
     if bank_dtype is not None and bank_dtype not in BANK_DTYPES:
@@ -319,7 +321,7 @@ def plan_bank(rows: int, dim: int, *, bank_dtype: str | None = None, on_disk: bo
     chosen = bank_dtype is not None or on_disk is not None or chunk_size is not None
     if not chosen and not from_disk and fp32_bytes <= AUTO_CHUNKED_BYTES:
         return None
-    dtype = bank_dtype or ("float16" if fp32_bytes > AUTO_CHUNKED_BYTES else "float32")
+    dtype = bank_dtype or ("float16" if fp32_bytes > AUTO_FP16_BYTES else "float32")
     stored = rows * dim * np.dtype(dtype).itemsize
     disk = on_disk if on_disk is not None else stored > AUTO_DISK_BYTES
     return BankPlan(dtype, bool(disk), int(chunk_size or max(1, BANK_CHUNK_ENTRIES // max(dim, 1))))

@@ -146,6 +146,7 @@ def test_streaming_whitening_equals_pca_whitening(data):
 
 def test_plan_bank_choices():
     assert plan_bank(60_000, 384) is None  # small: the default FAISS search
+    assert plan_bank(60_000, 4096) == BankPlan("float32", False, knn_mod.BANK_CHUNK_ENTRIES // 4096)  # 983 MB
     big = plan_bank(1_000_000, 384)  # 1.4 GiB in float32
     assert big == BankPlan("float16", False, knn_mod.BANK_CHUNK_ENTRIES // 384)
     assert plan_bank(4_000_000, 1024).on_disk  # 7.6 GiB in float16
