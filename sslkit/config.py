@@ -95,7 +95,9 @@ class TrainerConfig:
     # auto: math on a CPU under bf16 autocast, where the fused kernel measured 1.3-2.9x slower (MAE step: 1.8x
     # faster with math), fused elsewhere (encoders.fused_attention_wanted).
     attention: str = "auto"
-    sync_batchnorm: bool = False
+    # BatchNorm statistics over the global batch under DDP (what one process on the whole batch computes); no
+    # effect on one process. torch's SyncBatchNorm on GPUs, sslkit.heads.batchnorm.GlobalBatchNorm elsewhere.
+    sync_batchnorm: bool = True
     checkpoint_every_steps: int = 500  # also at every epoch end; 0 = only at epoch ends
     log_every_steps: int = 10
     progress: bool = True  # progress in the terminal: a bar on a terminal, else a line every progress_every_seconds

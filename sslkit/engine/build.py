@@ -16,7 +16,9 @@ def build_objective(cfg: DictConfig) -> torch.nn.Module:
     encoder = ENCODERS.build(cfg.encoder.name, **section_kwargs(cfg.encoder))
     entry = OBJECTIVES.get(cfg.objective.name)
     obj_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.config), cfg.objective))
-    return entry.factory(encoder=encoder, cfg=obj_cfg)
+    objective = entry.factory(encoder=encoder, cfg=obj_cfg)
+    objective.seed = int(cfg.seed)  # masks drawn from (seed, step, sample) agree across processes and resumes
+    return objective
 
 
 def build_pipeline(cfg: DictConfig):  # noqa: ANN201 - a ViewPipeline

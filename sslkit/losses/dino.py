@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from sslkit.losses.distributed import sum_over_ranks
 
 
 def _stack(views: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -75,18 +76,24 @@ def dino_loss_from_probs(teacher_probs: Sequence[torch.Tensor] | torch.Tensor,
     return ce.masked_fill(same_view, 0.0).sum() / n_pairs
 
 
+def _global_sum_count(teacher_out: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the teacher outputs over views and samples (K,) and their number (), both over all ranks."""
+    t = _stack(teacher_out)  # (T, B, K)
+    stats = torch.cat([t.sum(dim=(0, 1)), t.new_full((1,), float(t.shape[0] * t.shape[1]))])  # (K + 1,)
+    stats = sum_over_ranks(stats)  # one collective for both
+    return stats[:-1], stats[-1]
+
+
 @torch.no_grad()
 def batch_center(teacher_out: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """Mean teacher output over views and samples -> (1, K), averaged over all ranks when distributed.
+    """Mean teacher output over views and samples -> (1, K), over the global batch when distributed.
 
-    Every rank holds the same number of samples, so the mean of the per-rank means is the mean over the
-    global batch (the official code all-reduces the sum and divides by ``T * B * world_size``).
+    The sum and the count are all-reduced together (the official code all-reduces the sum and divides by
+    ``T * B * world_size``), so the mean is that of the concatenated batch even when ranks hold different
+    numbers of rows, as iBOT's masked patches do. Zeros when there are no rows at all.
     """
-    mean = _stack(teacher_out).mean(dim=(0, 1)).unsqueeze(0)  # (1, K)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(mean)
-        mean = mean / dist.get_world_size()
-    return mean
+    total, count = _global_sum_count(teacher_out)
+    return (total / count.clamp(min=1)).unsqueeze(0)
 
 
 @torch.no_grad()
@@ -105,8 +112,11 @@ def update_center(center: torch.Tensor, teacher_out: Sequence[torch.Tensor] | to
     Example:
         >>> c = update_center(torch.zeros(1, 256), [torch.randn(8, 256)] * 2, momentum=0.9)
     """
-    new = center.float() * momentum + batch_center(teacher_out).reshape(center.shape) * (1.0 - momentum)
-    return new.to(center.dtype)
+    total, count = _global_sum_count(teacher_out)
+    mean = (total / count.clamp(min=1)).reshape(center.shape)
+    new = center.float() * momentum + mean * (1.0 - momentum)
+    # No rows anywhere (no image masked for iBOT in this step): nothing to average, the center stays.
+    return torch.where(count > 0, new.to(center.dtype), center)
 
 
 @torch.no_grad()

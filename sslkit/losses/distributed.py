@@ -16,7 +16,7 @@ def world_size() -> int:
 
 def rank() -> int:
     """This process's rank in the default group (0 when not distributed)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if world_size() > 1 else 0
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -41,3 +41,17 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over all ranks (a new tensor; ``x`` itself in a single process). No gradient path.
+
+    Sums and counts reduced together give means over the global batch even when ranks hold different numbers
+    of items (iBOT's masked patches), which a mean of per-rank means does not.
+    """
+    if world_size() == 1:
+        return x
+    out = x.clone()
+    dist.all_reduce(out)
+    return out

@@ -10,6 +10,25 @@ from torch import nn
 
 from sslkit.encoders import Encoder
 from sslkit.heads.momentum import MomentumTeacher
+from sslkit.losses.distributed import rank, world_size
+
+SEED_MIX = 1_000_003  # spreads (seed, step, sample) apart before they seed a generator
+
+
+def sample_seed(seed: int, step: int, index: int = 0) -> int:
+    """A generator seed for sample ``index`` of the global batch at ``step`` (or for the whole step, index 0).
+
+    Randomness drawn from it (MAE's and iBOT's masks) depends on the run's seed, the step and the sample's place
+    in the global batch, not on how the batch is split over processes nor on the global RNG, so a 2-process
+    run masks each image as one process would, and a resumed run masks as the original did.
+    """
+    return ((seed * SEED_MIX + step) * SEED_MIX + index) % 2**63
+
+
+def global_rows(local_batch: int) -> tuple[int, int]:
+    """(offset, total): where this rank's ``local_batch`` rows sit in the global batch, and its size (every
+    rank holds the same number of samples)."""
+    return rank() * local_batch, world_size() * local_batch
 
 
 @dataclass
@@ -59,10 +78,14 @@ class Objective(nn.Module):
     Attributes:
         Config: the dataclass of the recipe's ``objective`` section (every key checked with its type).
         views: the :class:`Views` the objective needs; :meth:`required_views` may refine it from the config.
+        seed: the run's seed (set by :func:`sslkit.engine.build.build_objective` from the recipe; 0 otherwise).
+            Randomness that must not depend on the split of the batch over processes is drawn from
+            :func:`sample_seed` of it, the step and the sample's global index.
     """
 
     Config: type = ObjectiveConfig
     views: Views = Views(num_global=2)
+    seed: int = 0
 
     @classmethod
     def required_views(cls, cfg) -> Views:  # noqa: ANN001 - the objective's Config instance

@@ -32,7 +32,7 @@ from sslkit.heads.momentum import cosine_momentum
 from sslkit.losses.dino import batch_center, dino_loss, dino_loss_from_probs, teacher_entropy, update_center
 from sslkit.losses.ibot import ibot_patch_loss_masked, ibot_teacher_probs
 from sslkit.losses.sinkhorn import sinkhorn_knopp
-from sslkit.objectives.base import Objective, Views
+from sslkit.objectives.base import Objective, Views, global_rows, sample_seed
 from sslkit.registry import OBJECTIVES
 
 __all__ = ["DINO", "DINOConfig", "DINOHead", "batch_center", "dino_loss", "ema_momentum_at", "multicrop_forward",
@@ -234,13 +234,11 @@ class DINO(Objective):
 
     def forward_ibot(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """DINO on the class tokens plus iBOT on masked patch tokens of the global crops (DINOv2's recipe)."""
-        from sslkit.augment.masking import block_masks
-
         n, c = self.cfg.num_global_views, self.cfg
         B = views[0].shape[0]
         xg = torch.cat(views[:n], dim=0)  # (n B, 3, H, W)
         grid = self.encoder.patch_grid(*xg.shape[-2:])
-        masks = block_masks(n * B, grid, tuple(c.ibot_mask_ratio), c.ibot_mask_probability).to(xg.device)  # (nB, L)
+        masks = self.ibot_masks(n, B, grid, step).to(xg.device)  # (n B, L)
         t_enc = self.teacher["encoder"]
         s_ibot = getattr(self, "ibot_head", self.head)
         t_ibot = self.teacher["ibot_head"] if "ibot_head" in self.teacher else self.teacher["head"]
@@ -258,10 +256,29 @@ class DINO(Objective):
         loss = dino_loss_from_probs(self.teacher_probs(t_out, self.center, temp), torch.cat(s_out), c.student_temp)
         ibot = ibot_patch_loss_masked(self.teacher_probs(t_patch, self.patch_center, temp), s_patch, masks,
                                       c.student_temp)
-        if self.training and c.centering == "center":
+        if self.training and c.centering == "center":  # mean over the global batch's masked patches (any count per rank)
             self.patch_center.copy_(update_center(self.patch_center, t_patch.unsqueeze(0), c.center_momentum))
         out = self._finish(loss + c.ibot_weight * ibot, t_out, s_feats.reshape(n, B, -1), step, temp)
         return {**out, "ibot": ibot.detach(), "masked_share": masks.float().mean()}
+
+    def ibot_masks(self, num_views: int, batch_size: int, grid: tuple[int, int], step: int) -> torch.Tensor:
+        """(num_views B, L) bool block masks for this rank's global crops, view-major like the crops.
+
+        Each crop's mask comes from its own seed (:func:`~sslkit.objectives.base.sample_seed` of the run's seed,
+        the step and the crop's index in the global batch), so a crop is masked alike however the batch is split
+        over processes, and a resumed run masks as the original did. The global RNG is left as it was.
+        """
+        from sslkit.augment.masking import block_masks
+
+        c = self.cfg
+        offset, total = global_rows(batch_size)
+        rows = []
+        with torch.random.fork_rng(devices=[]):  # block_masks draws from the global CPU RNG
+            for v in range(num_views):
+                for j in range(batch_size):
+                    torch.default_generator.manual_seed(sample_seed(self.seed, step, v * total + offset + j))
+                    rows.append(block_masks(1, grid, tuple(c.ibot_mask_ratio), c.ibot_mask_probability))
+        return torch.cat(rows)  # (num_views B, L)
 
     def _finish(self, loss: torch.Tensor, t_out: torch.Tensor, global_feats: torch.Tensor, step: int,
                 temp: float) -> dict[str, torch.Tensor]:

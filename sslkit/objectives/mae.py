@@ -29,7 +29,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from sslkit.encoders import Encoder
-from sslkit.objectives.base import Objective, Views
+from sslkit.objectives.base import Objective, Views, global_rows, sample_seed
 from sslkit.registry import OBJECTIVES
 
 # Wavelength scale of the sin-cos position embedding (Vaswani et al. 2017; the official MAE code uses the same).
@@ -139,9 +139,10 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return k
 
 
-def random_masking(batch_size: int, num_patches: int, mask_ratio: float,
-                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random masking by sorting uniform noise (uses the global torch RNG of ``device``).
+def random_masking(batch_size: int, num_patches: int, mask_ratio: float, device: torch.device | str | None = None,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample random masking by sorting uniform noise: ``noise`` (B, L) in [0, 1) if given (see
+    :meth:`MAE.mask_noise`), else drawn from the global torch RNG of ``device``.
 
     Returns:
         ids_keep: (B, K) long, indices of the visible patches (in shuffled order), K = :func:`num_visible`.
@@ -156,7 +157,11 @@ def random_masking(batch_size: int, num_patches: int, mask_ratio: float,
     """
     B, L = batch_size, num_patches
     K = num_visible(L, mask_ratio)
-    noise = torch.rand(B, L, device=device)  # (B, L) in [0, 1)
+    if noise is None:
+        noise = torch.rand(B, L, device=device)  # (B, L) in [0, 1)
+    elif noise.shape != (B, L):
+        raise ValueError(f"masking noise of shape {tuple(noise.shape)} for {B} images of {L} patches")
+    device = noise.device
     ids_shuffle = torch.argsort(noise, dim=1)  # (B, L): ascending noise -> the first K are kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L)
     ids_keep = ids_shuffle[:, :K]  # (B, K)
@@ -339,11 +344,22 @@ class MAE(Objective):
         """(gh, gw) patch grid of a (B, C, H, W) batch; raises if H or W is not a multiple of p."""
         return _grid(imgs.shape[-2], imgs.shape[-1], self.patch_size)
 
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float
+    def mask_noise(self, batch_size: int, num_patches: int, step: int, device: torch.device) -> torch.Tensor:
+        """The training step's masking noise (B, L) for this rank's images: rows of one (world B, L) draw seeded by
+        (seed, step), so an image is masked alike however the batch is split over processes, and a resumed run
+        draws what the original did. The draw is on ``device`` and costs world x B x L numbers."""
+        offset, total = global_rows(batch_size)
+        g = torch.Generator(device).manual_seed(sample_seed(self.seed, step))
+        return torch.rand(total, num_patches, generator=g, device=device)[offset:offset + batch_size]  # (B, L)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs (B, C, H, W) -> latent (B, 1+K, D) (cls + visible), mask (B, L), ids_restore (B, L)."""
+        """imgs (B, C, H, W) -> latent (B, 1+K, D) (cls + visible), mask (B, L), ids_restore (B, L).
+
+        ``noise`` (B, L) decides the masks (:func:`random_masking`); None draws it from the global RNG.
+        """
         gh, gw = self.grid_of(imgs)
-        ids_keep, mask, ids_restore = random_masking(imgs.shape[0], gh * gw, mask_ratio, imgs.device)
+        ids_keep, mask, ids_restore = random_masking(imgs.shape[0], gh * gw, mask_ratio, imgs.device, noise)
         cls, _, visible = self.encoder.forward_tokens(imgs, keep=ids_keep)  # (B, D), registers, (B, K, D)
         latent = torch.cat([cls.unsqueeze(1), visible], dim=1)  # (B, 1+K, D)
         return latent, mask, ids_restore
@@ -368,7 +384,9 @@ class MAE(Objective):
         if len(views) != 1:
             raise ValueError(f"objective 'mae' takes one view per image, got {len(views)}; use augment.name=mae")
         imgs = views[0]  # (B, C, H, W)
-        latent, mask, ids_restore = self.forward_encoder(imgs, self.cfg.mask_ratio)
+        gh, gw = self.grid_of(imgs)
+        noise = self.mask_noise(imgs.shape[0], gh * gw, step, imgs.device)  # (B, L)
+        latent, mask, ids_restore = self.forward_encoder(imgs, self.cfg.mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore, self.grid_of(imgs))  # (B, L, p*p*C)
         return {"loss": self.forward_loss(imgs, pred, mask)}
 
