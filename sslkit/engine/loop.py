@@ -176,7 +176,7 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
         elif "rng" in ckpt:
             set_rng_state(ckpt["rng"][rank])
     else:
-        torch.manual_seed(cfg.seed + rank)  # per-rank randomness (masks, dropout) for training
+        torch.manual_seed(cfg.seed + rank)  # per-rank randomness (dropout, drop path); masks use Objective.seed
 
     if fabric.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
