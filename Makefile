@@ -8,7 +8,7 @@ ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install data test test-slow test-faults lint pretrain-simclr pretrain-dino pretrain-dino-vit \
-        pretrain-mae pretrain-byol pretrain-vicreg pretrain-barlow pretrain-mocov3 pretrain-plugin knn linear-probe retrieval bench bench-throughput bench-tta gpu-check clean
+        pretrain-mae pretrain-byol pretrain-vicreg pretrain-barlow pretrain-mocov3 pretrain-plugin knn linear-probe retrieval curate-demo bench bench-throughput bench-tta gpu-check clean
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -75,6 +75,9 @@ linear-probe: ## linear probe on frozen features of RUN
 
 retrieval: ## FAISS retrieval metrics for RUN
 	sslkit eval retrieval $(RUN) $(ARGS)
+
+curate-demo: ## plant duplicates in Fashion-MNIST, dedup, then retrieve around a seed set -> curate_demo/
+	$(PYTHON) -m sslkit.curate.demo --out curate_demo --pool-size 10000 $(ARGS)
 
 bench: ## all benchmarks -> bench_out/*.json, Markdown tables and plots (about 2.5 hours on 2 cores)
 	$(PYTHON) benchmarks/throughput.py --out bench_out

@@ -1,0 +1,107 @@
+"""The DINOv2 curation claim on a CPU: pretraining on the curated subset vs a random pool subset of the same size.
+
+1. Build the demo's seed set and pool (:func:`sslkit.curate.demo.prepare_retrieval`) and run
+   ``sslkit curate retrieve`` (``--mode``, ``--per-seed``).
+2. Write a random subset of the pool of the same size as the curated list.
+3. Pretrain ``--recipe`` on each list (``data.name=image_list``) for the same wall-clock budget
+   (``trainer.time_budget_minutes``, ``--minutes``).
+4. k-NN (weighted, k=20) on Fashion-MNIST restricted to the 5 seed classes: train-split bank, test-split queries.
+
+Example (a short budget; the lead can run it longer)::
+
+    python benchmarks/curate_pretrain.py --minutes 3 --pool-size 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from time_to_accuracy import cpu_model  # noqa: E402
+
+from sslkit.curate.demo import SEED_CLASSES, prepare_retrieval  # noqa: E402
+
+KNN_K = 20
+
+
+def knn_on_seed_classes(run_dir: Path, bank: int, queries: int) -> float:
+    """Weighted k-NN top-1 on the seed classes of Fashion-MNIST with the run's encoder."""
+    from sslkit.data.base import TensorImageDataset, subset_dataset
+    from sslkit.eval.features import extract_features
+    from sslkit.eval.knn import knn_classify
+    from sslkit.registry import DATASETS
+    from sslkit.run import eval_image_size, load_encoder
+
+    enc, cfg = load_encoder(run_dir)
+    sets = []
+    for split, n in (("train", bank), ("test", queries)):
+        ds = DATASETS.build("fashion_mnist", split=split)
+        keep = torch.from_numpy(np.isin(ds.labels.numpy(), SEED_CLASSES))
+        ds = subset_dataset(TensorImageDataset(ds._images[keep], ds.labels[keep], ds.classes, ds.source), n)
+        sets.append(extract_features(enc, ds, image_size=eval_image_size(cfg), progress=False))
+    (tf, tl), (qf, ql) = sets
+    res = knn_classify(tf, tl, qf, ql, k=KNN_K, center=True)
+    return float(next(v for key, v in res.items() if key.startswith("top1")))
+
+
+def pretrain(recipe: str, image_list: Path, out: Path, minutes: float, name: str, overrides: list[str]) -> Path:
+    cmd = [sys.executable, "-m", "sslkit.cli", "pretrain", recipe, f"name={name}", f"output_dir={out}",
+           "data.name=image_list", f"data.root={image_list}", "eval.final_knn=false", f"trainer.time_budget_minutes={minutes}", *overrides]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return next(p for p in sorted(out.glob(f"{name}*")) if p.is_dir() and not p.is_symlink())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "simclr_resnet_fmnist.yaml"))
+    p.add_argument("--minutes", type=float, default=3.0, help="wall-clock budget of each pretraining")
+    p.add_argument("--pool-size", type=int, default=10000, help="Fashion-MNIST train images in the pool (+ as many OOD)")
+    p.add_argument("--mode", default="sample")
+    p.add_argument("--per-seed", type=int, default=8)
+    p.add_argument("--bank", type=int, default=5000, help="k-NN bank size (seed classes, train split)")
+    p.add_argument("--queries", type=int, default=2000, help="k-NN queries (seed classes, test split)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curate_pretrain"))
+    p.add_argument("overrides", nargs="*", help="recipe overrides for both runs")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        info = prepare_retrieval(work, args.pool_size)
+        subprocess.run([sys.executable, "-m", "sslkit.cli", "curate", "retrieve", "--seed", str(work / "retrieve/seed"),
+                        "--pool", str(work / "retrieve/pool"), "--mode", args.mode, "--per-seed", str(args.per_seed),
+                        "--out", str(work / "curated")], check=True, cwd=ROOT)
+        curated = [x for x in (work / "curated" / "curated.txt").read_text().split("\n") if x]
+        pool = sorted(str(f) for f in (work / "retrieve" / "pool").rglob("*.png"))
+        rng = np.random.default_rng(0)
+        random = [pool[i] for i in np.sort(rng.choice(len(pool), len(curated), replace=False))]
+        (work / "random.txt").write_text("\n".join(random) + "\n")
+        result = {"cpu": cpu_model(), "command": "python " + " ".join(sys.argv), "subset_size": len(curated),
+                  "minutes": args.minutes, "pool_base_rate": info["base_rate"]}
+        for name, lst in (("curated", work / "curated" / "curated.txt"), ("random", work / "random.txt")):
+            run = pretrain(args.recipe, lst, work / "runs", args.minutes, f"curate_{name}", args.overrides)
+            result[f"{name}_knn_top1"] = knn_on_seed_classes(run, args.bank, args.queries)
+            print(name, result[f"{name}_knn_top1"], flush=True)
+    from sslkit.curate.report import write_json
+    from sslkit.run import atomic_write_bytes
+
+    write_json(Path(args.out + ".json"), result)
+    md = (f"# Curated vs random pretraining subset ({result['cpu']})\n\nCommand: `{result['command']}`; "
+          f"{result['subset_size']} images each, {args.minutes} min each.\n\n| subset | k-NN top-1 (5 seed classes) |\n"
+          f"| --- | --- |\n| curated | {result['curated_knn_top1']:.4f} |\n| random | {result['random_knn_top1']:.4f} |\n")
+    atomic_write_bytes(Path(args.out + ".md"), md.encode())
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

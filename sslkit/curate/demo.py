@@ -1,0 +1,103 @@
+"""``make curate-demo``: plant near-duplicates in Fashion-MNIST, deduplicate, then retrieve around a seed set.
+
+1. dedup: ``--dedup-base`` Fashion-MNIST test images as PNG, plus ``--per-kind`` copies of each kind of
+   :mod:`sslkit.curate.plant`; ``sslkit curate dedup`` on the folder.
+2. retrieve: a seed set of ``--seed-per-class`` train images from each of ``--seed-classes``; a pool of the
+   other train images (``--pool-size`` of them, all by default) mixed with as many out-of-domain images
+   (procedural shapes, ``sslkit.data.synthetic``); ``sslkit curate retrieve``.
+
+``python -m sslkit.curate.demo --out DIR``; benchmarks/curate_dedup.py scores the same folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sslkit.curate.plant import KINDS, plant_duplicates, write_images
+
+SEED_CLASSES = (0, 1, 5, 7, 8)  # T-shirt/top, Trouser, Sandal, Sneaker, Bag
+SEED_PER_CLASS = 100
+OOD_PREFIX = "ood"
+
+
+def prepare_dedup(out: Path, base: int, per_kind: int, seed: int = 0) -> list[dict[str, str]]:
+    """``out/dedup/{base,dups}`` and ``out/dedup/truth.json``; returns the planted records."""
+    from sslkit.plugins import load_all
+    from sslkit.registry import DATASETS
+
+    load_all()
+    ds = DATASETS.build("fashion_mnist", split="test")
+    folder = out / "dedup"
+    paths = write_images(ds._images[:base, 0].numpy(), folder / "base")
+    truth = plant_duplicates(paths, folder / "dups", per_kind, seed=seed)
+    (folder / "truth.json").write_text(json.dumps(truth))
+    return truth
+
+
+def prepare_retrieval(out: Path, pool_size: int | None, seed_per_class: int = SEED_PER_CLASS,
+                      classes: tuple[int, ...] = SEED_CLASSES, seed: int = 0) -> dict[str, object]:
+    """``out/retrieve/seed/<class>/*.png`` and ``out/retrieve/pool/{fmnist_<class>,ood}/*.png``."""
+    from sslkit.plugins import load_all
+    from sslkit.registry import DATASETS
+
+    load_all()
+    ds = DATASETS.build("fashion_mnist", split="train")
+    labels = ds.labels.numpy()
+    rng = np.random.default_rng(seed)
+    seed_rows = np.concatenate([rng.choice(np.flatnonzero(labels == c), seed_per_class, replace=False)
+                                for c in classes])
+    rest = np.setdiff1d(np.arange(len(labels)), seed_rows)
+    if pool_size is not None and pool_size < len(rest):
+        rest = np.sort(rng.choice(rest, pool_size, replace=False))
+    folder = out / "retrieve"
+    images = ds._images[:, 0].numpy()
+    for c in classes:
+        rows = seed_rows[labels[seed_rows] == c]
+        write_images(images[rows], folder / "seed" / f"class_{c}", prefix=f"seed{c}")
+    for c in range(len(ds.classes)):
+        rows = rest[labels[rest] == c]
+        write_images(images[rows], folder / "pool" / f"fmnist_{c}", prefix=f"f{c}")
+    ood = DATASETS.build("synthetic", num_samples=len(rest), image_size=28, seed=seed)
+    write_images(ood.images.permute(0, 2, 3, 1).numpy(), folder / "pool" / OOD_PREFIX, prefix=OOD_PREFIX)
+    return {"seed_classes": list(classes), "pool_fmnist": int(len(rest)), "pool_ood": int(len(rest)),
+            "base_rate": float(np.isin(labels[rest], classes).sum() / (2 * len(rest)))}
+
+
+def pool_class(path: str) -> int:
+    """Fashion-MNIST class of a demo pool image from its folder name; -1 for out-of-domain images."""
+    name = Path(path).parent.name
+    return int(name.split("_")[1]) if name.startswith("fmnist_") else -1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sslkit.cli import main as cli
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="curate_demo", help="folder for the images and the results")
+    p.add_argument("--dedup-base", type=int, default=5000, help="Fashion-MNIST test images in the dedup set")
+    p.add_argument("--per-kind", type=int, default=100, help="planted copies of each kind")
+    p.add_argument("--pool-size", type=int, default=None,
+                   help="Fashion-MNIST train images in the pool (default: all but the seed set); as many OOD images")
+    p.add_argument("--mode", default="sample", help="retrieval mode: sample or cluster")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    prepare_dedup(out, args.dedup_base, args.per_kind)
+    if cli(["curate", "dedup", str(out / "dedup"), "--out", str(out / "dedup_out")]):
+        return 1
+    info = prepare_retrieval(out, args.pool_size)
+    if cli(["curate", "retrieve", "--seed", str(out / "retrieve" / "seed"), "--pool", str(out / "retrieve" / "pool"),
+            "--mode", args.mode, "--out", str(out / "retrieve_out")]):
+        return 1
+    got = [pool_class(x) for x in (out / "retrieve_out" / "curated.txt").read_text().split("\n") if x]
+    share = float(np.isin(got, info["seed_classes"]).mean()) if got else 0.0
+    print(f"retrieval precision: {share:.3f} of {len(got)} retrieved pool images are from the seed classes "
+          f"(pool base rate {info['base_rate']:.3f}). Kinds planted: {', '.join(KINDS)}.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

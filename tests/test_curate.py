@@ -1,0 +1,255 @@
+"""Curation: graphs, embedding cache (change detection, resume, bad files), dedup, retrieval, image lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sslkit.curate import graph
+from sslkit.curate.dedup import dedup
+from sslkit.curate.embed import Changes, Embeddings, embed_collection, view_boxes
+from sslkit.curate.embedders import load_embedder
+from sslkit.curate.plant import plant_duplicates, write_images
+from sslkit.curate.retrieve import retrieve
+from sslkit.data import DataError
+from sslkit.plugins import load_all
+from sslkit.registry import DATASETS
+
+load_all()
+
+
+def _shapes(n: int, seed: int = 0) -> np.ndarray:
+    ds = DATASETS.build("synthetic", num_samples=n, image_size=32, seed=seed)
+    return ds.images.permute(0, 2, 3, 1).numpy()  # (n, 32, 32, 3)
+
+
+def _fake_embeddings(vectors: np.ndarray, names: list[str]) -> Embeddings:
+    n = len(vectors)
+    vec = vectors if vectors.ndim == 3 else vectors[:, None]
+    return Embeddings([Path(x) for x in names], vec.astype(np.float16), np.ones(n, bool), np.full((n, 2), 8, np.int32),
+                      np.arange(n, dtype=np.int64), {}, Changes(), n, 0.0, Path("."))
+
+
+# ---------------------------------------------------------------------------------------------------------- graphs
+
+
+def test_threshold_and_components_on_hand_made_graph():
+    # 0-1 (0.95), 1-2 (0.91), 3-4 (0.89), 5-6 (0.99), 2-5 (0.5); 7 alone
+    i = np.array([0, 1, 3, 5, 2])
+    j = np.array([1, 2, 4, 6, 5])
+    s = np.array([0.95, 0.91, 0.89, 0.99, 0.5])
+    ii, jj, _ = graph.threshold_edges(i, j, s, 0.9)
+    assert sorted(zip(ii.tolist(), jj.tolist())) == [(0, 1), (1, 2), (5, 6)]
+    groups = graph.groups_of(graph.components(8, ii, jj))
+    assert [g.tolist() for g in groups] == [[0, 1, 2], [5, 6]]
+    # at 0.5 everything but 7 joins through 2-5; 3-4 stays its own group
+    groups = graph.groups_of(graph.components(8, *graph.threshold_edges(i, j, s, 0.5)[:2]))
+    assert [g.tolist() for g in groups] == [[0, 1, 2, 5, 6], [3, 4]]
+
+
+def test_keep_rules():
+    dims = np.array([[10, 10], [20, 20], [20, 20], [5, 5]])
+    sizes = np.array([100, 50, 80, 999])
+    g = np.array([3, 1, 2, 0])
+    assert graph.keep_one(g, "largest", dims, sizes) == 2  # most pixels (1, 2 tie), then larger file
+    assert graph.keep_one(g, "first", dims, sizes) == 0
+    with pytest.raises(ValueError, match="keep rule"):
+        graph.keep_one(g, "random", dims, sizes)
+
+
+def test_match_equals_brute_force_over_views():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(40, 3, 16)).astype(np.float32)
+    v[5, 2] = v[17, 0] + 0.05 * rng.normal(size=16)  # a sub-window of 5 looks like the whole of 17
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    i, j, s = graph.match(v, np.ascontiguousarray(v[:, 0]), threshold=0.5, k=40, exclude_self=True)
+    sims = np.einsum("qvd,nd->qvn", v, v[:, 0]).max(1)  # (Q, N): best view of q against the whole of n
+    ref = {}
+    for q, n in zip(*np.nonzero(sims >= 0.5)):
+        if q != n:
+            a, b = min(q, n), max(q, n)
+            ref[(a, b)] = max(ref.get((a, b), -1), sims[q, n])
+    got = {(a, b): x for a, b, x in zip(i.tolist(), j.tolist(), s.tolist())}
+    assert set(got) == set(ref) and (5, 17) in got
+    assert all(abs(got[p] - ref[p]) < 1e-5 for p in ref)
+
+
+def test_view_boxes_cover_half_area_crops():
+    boxes = view_boxes((0.7,), 0.15)
+    assert boxes[0] == (0.0, 0.0, 1.0) and len(boxes) == 1 + 9
+    offsets = sorted({round(t, 4) for t, _, s in boxes if s == 0.7})
+    assert offsets == [0.0, 0.15, 0.3]
+
+
+# ---------------------------------------------------------------------------------------------------------- dedup
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    base = write_images(_shapes(60), root / "base")
+    truth = plant_duplicates(base, root / "dups", per_kind=2, seed=1)
+    return root, truth
+
+
+def test_dedup_finds_planted_duplicates(planted, tmp_path):
+    root, truth = planted
+    emb = embed_collection(root, load_embedder("builtin"), tmp_path / "cache", progress=False)
+    res = dedup(emb, progress=False)
+    row = {str(f): r for r, f in enumerate(emb.files)}
+    group_of = {int(r): gid for gid, g in enumerate(res.groups) for r in g}
+    for rec in truth:
+        c, s = row[rec["copy"]], row[rec["source"]]
+        assert c in group_of and group_of[c] == group_of.get(s), f"{rec['kind']} copy not grouped with its source"
+    removed = {r.row for r in res.removed}
+    kept = set(res.kept.tolist())
+    for g in res.groups:  # one image per group stays, and it is the one the keep rule names
+        assert len(kept & set(g.tolist())) == 1
+        assert graph.keep_one(g, "largest", emb.dims, emb.sizes) in kept
+    assert len(kept) + len(removed) == len(emb.files)
+    for rec in truth:  # a crop has fewer pixels than its source, so "largest" never keeps it
+        if rec["kind"] == "crop":
+            assert row[rec["copy"]] in removed
+
+
+def test_dedup_against_eval_set(tmp_path):
+    imgs = _shapes(12)
+    src = write_images(imgs, tmp_path / "src")
+    write_images(imgs[:3], tmp_path / "eval", prefix="test")  # three of the source's images are test images
+    embedder = load_embedder("builtin")
+    a = embed_collection(tmp_path / "src", embedder, tmp_path / "cache", progress=False)
+    b = embed_collection(tmp_path / "eval", embedder, tmp_path / "cache", progress=False)
+    res = dedup(a, against=[b], threshold=0.999, progress=False)  # exact copies: the wiring, not the descriptor
+    assert sorted(str(a.files[r.row]) for r in res.removed if r.reason == "eval") == sorted(
+        str(p.resolve()) for p in src[:3])
+
+
+# ---------------------------------------------------------------------------------------------------------- cache
+
+
+class _Counting:
+    """An embedder wrapper that counts calls and can fail on a given call (a simulated interruption)."""
+
+    def __init__(self, inner, fail_on: int | None = None):
+        self.inner, self.fail_on, self.calls = inner, fail_on, 0
+        self.dim, self.image_size, self.key = inner.dim, inner.image_size, inner.key
+
+    def __call__(self, views):
+        self.calls += 1
+        if self.fail_on is not None and self.calls == self.fail_on:
+            raise KeyboardInterrupt
+        return self.inner(views)
+
+
+def test_resume_after_interruption_reuses_finished_chunks(tmp_path):
+    write_images(_shapes(40), tmp_path / "imgs")
+    boxes = view_boxes((0.8,), 0.2)
+    ref = embed_collection(tmp_path / "imgs", load_embedder("builtin"), tmp_path / "ref", boxes=boxes,
+                           chunk_size=8, progress=False)
+    first = _Counting(load_embedder("builtin"), fail_on=3)  # chunks 1 and 2 finish, the third is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        embed_collection(tmp_path / "imgs", first, tmp_path / "cache", boxes=boxes, chunk_size=8, progress=False)
+    second = _Counting(load_embedder("builtin"))
+    emb = embed_collection(tmp_path / "imgs", second, tmp_path / "cache", boxes=boxes, chunk_size=8, progress=False)
+    assert emb.computed == 40 - 16 and second.calls == 3  # 24 images left = 3 chunks of 8
+    np.testing.assert_array_equal(np.asarray(emb.vectors), np.asarray(ref.vectors))
+    again = _Counting(load_embedder("builtin"))
+    assert embed_collection(tmp_path / "imgs", again, tmp_path / "cache", boxes=boxes, progress=False).computed == 0
+    assert again.calls == 0
+
+
+def test_changed_pool_is_detected_and_only_changes_reembedded(tmp_path):
+    imgs = _shapes(10)
+    paths = write_images(imgs, tmp_path / "pool")
+    embedder = load_embedder("builtin")
+    boxes = [(0.0, 0.0, 1.0)]
+    first = embed_collection(tmp_path / "pool", embedder, tmp_path / "cache", boxes=boxes, progress=False)
+    assert not first.changes and first.computed == 10
+    old = {str(f): np.asarray(first.vectors[r]) for r, f in enumerate(first.files)}
+    write_images(imgs[5:6, ::-1].copy(), tmp_path / "tmp")  # a flipped picture replaces image 2
+    (tmp_path / "tmp" / "img_000000.png").replace(paths[2])
+    paths[7].unlink()
+    write_images(imgs[:1], tmp_path / "pool", prefix="new")
+    second = embed_collection(tmp_path / "pool", embedder, tmp_path / "cache", boxes=boxes, progress=False)
+    assert second.changes.modified == [str(paths[2].resolve())]
+    assert second.changes.removed == [str(paths[7].resolve())]
+    assert second.changes.added == [str((tmp_path / "pool" / "new_000000.png").resolve())]
+    assert second.computed == 2
+    for r, f in enumerate(second.files):
+        if str(f) in old and f != paths[2].resolve():
+            np.testing.assert_array_equal(np.asarray(second.vectors[r]), old[str(f)])
+    r2 = [str(f) for f in second.files].index(str(paths[2].resolve()))
+    assert not np.array_equal(np.asarray(second.vectors[r2]), old[str(paths[2].resolve())])
+
+
+def test_unreadable_and_missing_images_are_reported_and_skipped(tmp_path):
+    paths = write_images(_shapes(6), tmp_path / "imgs")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG not really")
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join([*(str(p) for p in paths), "imgs/broken.png", "imgs/missing.png"]) + "\n")
+    emb = embed_collection(lst, load_embedder("builtin"), tmp_path / "cache", progress=False)
+    bad = {Path(p).name for p in emb.bad}
+    assert bad == {"broken.png", "missing.png"} and int(emb.ok.sum()) == 6
+    res = dedup(emb, progress=False)
+    assert len(res.kept) == 6 and not res.removed
+
+
+# ---------------------------------------------------------------------------------------------------------- retrieval
+
+
+def test_sample_and_cluster_retrieval_on_hand_made_vectors():
+    rng = np.random.default_rng(0)
+    a, b = np.eye(8)[0], np.eye(8)[1]  # two well separated directions
+    pool = np.stack([(a if k % 2 == 0 else b) + 0.2 * rng.normal(size=8) for k in range(40)])
+    seed = np.stack([a + 0.2 * rng.normal(size=8) for _ in range(3)])
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    seed /= np.linalg.norm(seed, axis=1, keepdims=True)
+    p = _fake_embeddings(pool, [f"p{i}" for i in range(40)])
+    s = _fake_embeddings(seed, [f"s{i}" for i in range(3)])
+    res = retrieve(s, p, mode="sample", per_seed=5, threshold=0.999, progress=False)
+    pv, sv = np.asarray(p.vectors[:, 0], np.float32), np.asarray(s.vectors[:, 0], np.float32)
+    ref = set(np.argsort(-(sv @ pv.T), axis=1)[:, :5].ravel().tolist())
+    assert set(res.rows.tolist()) == ref and all(r % 2 == 0 for r in ref)
+    res = retrieve(s, p, mode="cluster", clusters=2, threshold=0.999, progress=False)
+    assert sorted(res.rows.tolist()) == list(range(0, 40, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------- lists
+
+
+def test_image_list_csv_labels_and_errors(tmp_path):
+    paths = write_images(_shapes(3), tmp_path / "imgs")
+    (tmp_path / "l.csv").write_text(f"path,label,score\n{paths[0]},cat,1\nimgs/img_000001.png,dog,2\n"
+                                    "imgs/img_000002.png,,3\n")
+    ds = DATASETS.build("image_list", root=str(tmp_path / "l.csv"))
+    assert ds.classes == ["cat", "dog"] and ds.labels.tolist() == [0, 1, -1]
+    img, _ = ds[1]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8
+    (tmp_path / "bad.csv").write_text("file\nx.png\n")
+    with pytest.raises(DataError, match="'path' column"):
+        DATASETS.build("image_list", root=str(tmp_path / "bad.csv"))
+    with pytest.raises(DataError, match="test_list"):
+        DATASETS.build("image_list", split="test", root=str(tmp_path / "l.csv"))
+
+
+def test_curated_list_trains_through_the_cli(tmp_path, tiny_recipe):
+    import yaml
+
+    from sslkit.cli import main
+
+    write_images(_shapes(24), tmp_path / "src")
+    plant_duplicates(sorted((tmp_path / "src").iterdir()), tmp_path / "src", per_kind=2, kinds=("exact",))
+    assert main(["curate", "dedup", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--threshold", "0.999"]) == 0
+    kept = (tmp_path / "out" / "kept.txt").read_text().split()
+    assert len(kept) == 24 and (tmp_path / "out" / "groups.png").is_file()
+    raw = tiny_recipe(name="curated", data={"name": "image_list", "root": str(tmp_path / "out" / "kept.txt"),
+                                            "args": {}, "batch_size": 8})
+    raw["trainer"]["epochs"] = 1
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["pretrain", str(tmp_path / "r.yaml")]) == 0
+    run = next((tmp_path / "runs").glob("curated*"))
+    assert (run / "encoder.safetensors").is_file()
