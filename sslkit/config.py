@@ -87,7 +87,7 @@ class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | gpu
     devices: Any = 1  # int, or "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto (DDP when several devices) | ddp | ddp_spawn
+    strategy: str = "auto"  # auto (DDP when several devices) | ddp | ddp_spawn | fsdp (ViT objectives: FSDP2)
     precision: str = "auto"  # auto: bf16-mixed on GPU and on CPUs with native bf16, else 32-true
     channels_last: bool = True  # NHWC memory layout for CNN encoders
     compile: bool = False  # torch.compile the objective
@@ -316,6 +316,18 @@ def _check_pipeline(cfg: DictConfig) -> None:
                               f"size {patch} ({cfg.encoder.name}); use a multiple of {patch}.")
 
 
+def _check_fsdp(cfg: DictConfig) -> None:
+    """What ``trainer.strategy: fsdp`` does not run: monitors that evaluate the sharded encoder on rank 0 alone
+    mid-run, and torch.compile around the sharded objective. (CNN encoders are refused in the engine's preflight.)"""
+    refused = {"eval.knn_every": (cfg.eval.knn_every, "0 (the final k-NN still runs)"),
+               "eval.online_probe": (cfg.eval.online_probe, "false"),
+               "trainer.compile": (cfg.trainer.compile, "false")}
+    for key, (value, fix) in refused.items():
+        if value:
+            raise ConfigError(f"recipe key '{key}': {value!r} is not supported with trainer.strategy=fsdp. Set {key}="
+                              f"{fix}, or use trainer.strategy=ddp.")
+
+
 # (lower bound, upper bound or None, lower bound allowed, null allowed): every number of the fixed sections.
 # Upper bounds catch sizes no machine runs (a typo), so they fail here and not as an out-of-memory hours later.
 RANGES: dict[str, tuple[float, float | None, bool, bool]] = {
@@ -392,12 +404,14 @@ def _cross_checks(cfg: DictConfig) -> None:
                "trainer.health.on_collapse": (cfg.trainer.health.on_collapse, ("warn", "stop")),
                "data.eval_split": (cfg.data.eval_split, ("train", "test")),
                "data.augment_backend": (cfg.data.augment_backend, ("auto", "batched", "per_image")),
-               # FSDP shards parameters, and sslkit's exact-resume checkpoints are written from full state dicts;
-               # until the checkpoint path gathers sharded state, FSDP is refused rather than saved wrongly.
-               "trainer.strategy": (cfg.trainer.strategy, ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"))}
+               # fsdp: FSDP2 for the ViT objectives (sslkit.engine.fsdp), with resharding distributed checkpoints
+               "trainer.strategy": (cfg.trainer.strategy, ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true",
+                                                           "fsdp"))}
     for k, (v, valid) in choices.items():
         if v not in valid:
             raise ConfigError(f"recipe key '{k}': {v!r} is not one of {', '.join(valid)}.")
+    if cfg.trainer.strategy == "fsdp":
+        _check_fsdp(cfg)
     _check_pipeline(cfg)
 
 

@@ -174,7 +174,10 @@ class Checkpointer(Callback):
             ctx.save_checkpoint(batch_in_epoch=0, epoch=s.epoch)
 
     def on_train_end(self, ctx: TrainContext) -> None:
-        if not ctx.state.stopped_early and ctx.is_main:
+        if ctx.state.stopped_early:
+            return
+        ctx.unshard_for_eval()  # FSDP: every rank gathers; rank 0 then holds the whole objective
+        if ctx.is_main:
             from sslkit.run import save_encoder
 
             save_encoder(ctx.objective.eval_encoder(), ctx.run_dir / "encoder.safetensors")

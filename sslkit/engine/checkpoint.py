@@ -2,7 +2,9 @@
 
 A checkpoint holds the objective's state (teacher, center, ...), the optimiser, the step and the position in the
 epoch, the RNG state of every rank, the resolved recipe and what the callbacks add (the time budget's fitted
-total, the training seconds so far). It is written to a temporary file and renamed, so a reader, or a run killed
+total, the training seconds so far). Under ``trainer.strategy: fsdp`` the objective and optimiser live in a
+distributed checkpoint folder beside it (:mod:`sslkit.engine.fsdp`), which ``last.ckpt`` names under ``sharded``;
+``last.ckpt`` is written after that folder is complete. It is written to a temporary file and renamed, so a reader, or a run killed
 while writing, sees the old checkpoint or the new one; it is loaded with ``weights_only=True``, so pickled code
 in a tampered file is never run.
 """
@@ -73,6 +75,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{str(e).splitlines()[0][:300]}). sslkit loads checkpoints with weights_only=True, so pickled code "
             "is never run; a truncated file also ends here. Use the run's previous checkpoint or re-export it."
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "sslkit" or "objective" not in ckpt:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "sslkit" or not ("objective" in ckpt or "sharded" in ckpt):
         raise RunError(f"{p} is not an sslkit training checkpoint (no 'format: sslkit' / 'objective' entries).")
+    if "sharded" in ckpt:  # trainer.strategy=fsdp: weights and optimiser in the distributed checkpoint it names
+        from sslkit.engine.fsdp import sharded_dir
+
+        ckpt["sharded"] = sharded_dir(p.parent, ckpt["sharded"])
+        ckpt.setdefault("optimizer", None)
     return ckpt

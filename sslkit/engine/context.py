@@ -65,19 +65,60 @@ class TrainContext:
         self.objective.setup_schedule(self.state.steps_per_epoch, total)
 
     def save_checkpoint(self, *, batch_in_epoch: int, epoch: int) -> None:
-        """``checkpoints/last.ckpt`` for resuming at (``epoch``, ``batch_in_epoch``); every rank's RNG is gathered."""
+        """``checkpoints/last.ckpt`` for resuming at (``epoch``, ``batch_in_epoch``); every rank's RNG is gathered.
+
+        Sharded (``trainer.strategy: fsdp``): every rank first writes its shards of the objective and optimiser to
+        ``checkpoints/dcp-step<N>`` (:func:`sslkit.engine.fsdp.save_sharded`, atomic); then rank 0 writes
+        ``last.ckpt`` with the training state and that folder's name, and deletes the older folders."""
+        from sslkit.engine.fsdp import prune_sharded, save_sharded
+
         rng = rng_state()
         rngs = [rng] if self.world == 1 else _gather_objects(self.fabric, rng)
+        s, ckpt_dir = self.state, self.run_dir / "checkpoints"
+        if self.sharded:
+            folder = save_sharded(ckpt_dir, s.step, self.objective, self.bare_optimizer, {"world_size": self.world},
+                                  prune=False)
+            weights = {"sharded": folder.name}
+        elif self.is_main:
+            weights = {"objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict()}
         if not self.is_main:
             return
-        s = self.state
         state = {"step": s.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "world_size": self.world,
-                 "objective": self.objective.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rngs,
-                 "config_yaml": OmegaConf.to_yaml(self.cfg), "train_seconds": s.prior_seconds + s.train_time,
-                 **self.callbacks.checkpoint_state(self)}
-        write_checkpoint(self.run_dir / "checkpoints" / "last.ckpt", state)
+                 **weights, "rng": rngs, "config_yaml": OmegaConf.to_yaml(self.cfg),
+                 "train_seconds": s.prior_seconds + s.train_time, **self.callbacks.checkpoint_state(self)}
+        write_checkpoint(ckpt_dir / "last.ckpt", state)
+        prune_sharded(ckpt_dir, keep=weights.get("sharded", ""))  # also those of an earlier, sharded, resume
         if self.logs is not None:
             self.logs.flush()
+
+    @property
+    def sharded(self) -> bool:
+        """True under ``trainer.strategy: fsdp``: parameters are sharded across the processes."""
+        return self.cfg.trainer.strategy == "fsdp"
+
+    @property
+    def bare_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # Fabric's wrapper holds the torch optimiser
+
+    def unshard_for_eval(self) -> None:
+        """After a sharded run's last step, before the end-of-run export and k-NN: gather the objective's whole
+        state (collective: every rank calls this) into a plain copy of the objective on rank 0, which becomes
+        ``self.objective`` there; the other ranks keep their shards. Nothing to do for an unsharded run."""
+        if not self.sharded:
+            return
+        from sslkit.encoders import set_fused_attention
+        from sslkit.engine.build import build_objective
+        from sslkit.engine.fsdp import full_state
+        from sslkit.run import load_state_strict
+
+        state = full_state(self.objective)
+        if self.is_main:
+            plain = build_objective(self.cfg)
+            load_state_strict(plain, state, "the gathered objective state")
+            if self.attention is not None:
+                set_fused_attention(plain, self.attention == "fused")
+            self.objective = plain.to(self.fabric.device)
+        self.fabric.barrier()
 
     def views(self, batch: Any) -> list[torch.Tensor]:
         """The step's views on the device: made there from a uint8 batch (batched backend), or moved there."""

@@ -1,9 +1,12 @@
 """FSDP2 (``fully_shard``) for the ViT objectives, and distributed checkpoints that reshard.
 
-Building blocks for a ``trainer.strategy: fsdp`` (not yet wired into the engine's loop and checkpoint callback):
+What ``trainer.strategy: fsdp`` runs on (:func:`fsdp_strategy` gives Lightning Fabric the strategy; the engine's
+checkpoints go through :func:`save_sharded` and :func:`load_sharded`):
 
 - :func:`shard_objective` shards every transformer block of every ViT inside an objective (the student and a
-  DINO teacher alike), then the objective itself. It works on CPU with gloo, and a step is a data-parallel step:
+  DINO teacher alike), then each ViT encoder (its patch embedding, tokens and norm), then the objective itself.
+  An encoder is its own unit, with ``forward_tokens`` registered as a forward method, so that objectives may call
+  either, and the engine's health checks can run it outside the objective's forward (every rank together). It works on CPU with gloo, and a step is a data-parallel step:
   each rank's gradients are averaged, and the DINO center is all-reduced by the objective as under DDP. The
   teacher's EMA runs on the local shards (teacher and student shards have the same layout). Create the optimiser
   after sharding: the parameters become DTensors.
@@ -69,8 +72,39 @@ def shard_objective(objective: nn.Module, mesh=None) -> nn.Module:  # noqa: ANN0
                          "the ViT objectives. Use ddp for CNN encoders.")
     for block in blocks:
         fully_shard(block, mesh=mesh)
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for encoder in [m for m in objective.modules() if m is not objective and getattr(m, "is_vit", False)]:
+        fully_shard(encoder, mesh=mesh)  # an sslkit Encoder: objectives call its forward and forward_tokens
+        register_fsdp_forward_method(encoder, "forward_tokens")
     fully_shard(objective, mesh=mesh)
     return objective
+
+
+def _parallelize(objective: nn.Module, mesh) -> nn.Module:  # noqa: ANN001 - a 2-d DeviceMesh
+    return shard_objective(objective, mesh["data_parallel"])
+
+
+def fsdp_strategy():  # noqa: ANN201 - a lightning_fabric ModelParallelStrategy
+    """Fabric's FSDP2 strategy for sslkit: every process is a data-parallel replica (no tensor parallelism), and
+    ``fabric.setup_module`` shards the objective with :func:`shard_objective`."""
+    from lightning_fabric.strategies import ModelParallelStrategy
+
+    class DataParallelFSDP(ModelParallelStrategy):
+        def setup_environment(self) -> None:
+            self._data_parallel_size = self.num_nodes * self.num_processes  # every process: one data shard
+            self._tensor_parallel_size = 1
+            super().setup_environment()
+
+    return DataParallelFSDP(parallelize_fn=_parallelize)
+
+
+def full_state(objective: nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded objective's whole state (parameters and buffers) as plain CPU tensors on rank 0, ``{}`` on the
+    other ranks. Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -115,9 +149,11 @@ def _barrier() -> None:
 
 
 def save_sharded(ckpt_dir: Path, step: int, objective: nn.Module, optimizer: torch.optim.Optimizer,
-                 meta: dict[str, Any]) -> Path:
+                 meta: dict[str, Any], prune: bool = True) -> Path:
     """Write the sharded objective and optimiser (every rank calls this) and ``meta`` (rank 0's plain values:
-    step, epoch, recipe, ...) as ``ckpt_dir/dcp-step<step>``; returns that folder."""
+    step, epoch, recipe, ...) as ``ckpt_dir/dcp-step<step>``; returns that folder. ``prune``: delete the folder the
+    pointer named before; the engine passes False and calls :func:`prune_sharded` once its own ``last.ckpt``
+    names the new folder, so a run killed in between still resumes from a complete checkpoint."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     ckpt_dir = Path(ckpt_dir)
@@ -135,10 +171,29 @@ def save_sharded(ckpt_dir: Path, step: int, objective: nn.Module, optimizer: tor
         tmp.rename(final)
         previous = latest_sharded(ckpt_dir) if (ckpt_dir / POINTER).exists() else None
         atomic_write_bytes(ckpt_dir / POINTER, json.dumps({"last": final.name}).encode())
-        if previous is not None and previous != final:
+        if prune and previous is not None and previous != final:
             shutil.rmtree(previous, ignore_errors=True)
     _barrier()
     return final
+
+
+def prune_sharded(ckpt_dir: Path, keep: str) -> None:
+    """Delete every ``dcp-step<N>`` folder (and left-over temporary one) in ``ckpt_dir`` but ``keep`` (rank 0); with
+    no folder to keep (an unsharded checkpoint replaced them), the pointer file too."""
+    if not keep:
+        (Path(ckpt_dir) / POINTER).unlink(missing_ok=True)
+    for p in Path(ckpt_dir).iterdir():
+        name = p.name.removeprefix(".").removesuffix(".tmp")
+        if p.name != keep and _DIR.match(name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def sharded_dir(ckpt_dir: Path, name: Any) -> Path:
+    """``ckpt_dir/name`` for a checkpoint's (untrusted) ``sharded`` entry: only a ``dcp-step<N>`` folder there."""
+    if not isinstance(name, str) or not _DIR.match(name) or not (Path(ckpt_dir) / name).is_dir():
+        raise RunError(f"the checkpoint in {ckpt_dir} names {name!r} as its sharded state, not a dcp-step<N> folder "
+                       "there. Use the run's previous checkpoint.")
+    return Path(ckpt_dir) / name
 
 
 def latest_sharded(ckpt_dir: Path) -> Path:

@@ -86,6 +86,8 @@ def train_step(ctx: TrainContext, views: list[torch.Tensor]) -> tuple[dict[str, 
     grad_norm = clip_and_norm(ctx.fabric, ctx.cfg, ctx.model, optimizer, ctx.params)
     # The step's one host-device sync: loss and gradient norm read together. A non-finite loss makes the
     # (all-reduced) gradients non-finite on every rank, so all ranks agree to skip the update.
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
     loss, norm = torch.stack([out["loss"].detach().float(), grad_norm.detach().float().to(out["loss"].device)]).tolist()
     if ctx.any_rank(not (math.isfinite(loss) and math.isfinite(norm))):
         what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
@@ -163,11 +165,20 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
     attention = ("fused" if fused else "math") if set_fused_attention(objective, fused) else None  # None: no ViT
 
     schedules = Schedules(cfg, state.global_batch, spe, total)
+    sharded = cfg.trainer.strategy == "fsdp"
+    if sharded:  # FSDP: shard first (fabric.setup_module), then the optimiser on the sharded parameters
+        check_sharded_resume(ckpt, world)
+        model = fabric.setup_module(objective)
     optimizer = build_optimizer(cfg, objective, schedules.peak_lr)
     params = [p for p in objective.parameters() if p.requires_grad]
     if ckpt is not None:
-        load_state_strict(objective, ckpt["objective"], "checkpoint objective state")
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("sharded") is not None:
+            from sslkit.engine.fsdp import load_sharded
+
+            load_sharded(ckpt["sharded"], objective, optimizer)  # any world size: DCP reshards on load
+        else:
+            load_state_strict(objective, ckpt["objective"], "checkpoint objective state")
+            optimizer.load_state_dict(ckpt["optimizer"])
         state.step, state.epoch, state.batch_in_epoch = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
         state.start_step, state.prior_seconds = state.step, float(ckpt.get("train_seconds", 0.0))
         if int(ckpt["world_size"]) != world:
@@ -180,8 +191,11 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
 
     if fabric.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels once
-    forward_module = torch.compile(objective) if cfg.trainer.compile else objective
-    model, optimizer = fabric.setup(forward_module, optimizer, move_to_device=True)
+    if sharded:
+        optimizer = fabric.setup_optimizers(optimizer)
+    else:
+        forward_module = torch.compile(objective) if cfg.trainer.compile else objective
+        model, optimizer = fabric.setup(forward_module, optimizer, move_to_device=True)
     batched = batched_views(cfg) if augment_backend(cfg, dataset) == "batched" else None
     loader = torch.utils.data.DataLoader(
         ViewDataset(dataset, None if batched else pipeline), batch_sampler=sampler, num_workers=cfg.data.num_workers,
@@ -269,6 +283,12 @@ def preflight(cfg: DictConfig) -> tuple[Any, Any]:
     except Exception as e:  # noqa: BLE001 - e.g. a negative width inside timm: still the recipe's values
         raise ConfigError(f"{what} cannot be built: {type(e).__name__}: {str(e).splitlines()[0][:200]}. Check "
                           "their sizes.") from None
+    if cfg.trainer.strategy == "fsdp":
+        from sslkit.engine.fsdp import vit_blocks
+
+        if not vit_blocks(objective):
+            raise ConfigError(f"recipe key 'trainer.strategy': fsdp shards the transformer blocks of ViT encoders, and "
+                              f"{cfg.encoder.name} has none. Use trainer.strategy=ddp for CNN encoders.")
     n = sum(p.numel() for p in objective.parameters())
     if n > MAX_PARAMETERS:
         raise ConfigError(f"{what}: the model would have {n:,} parameters; check the widths in the recipe.")
@@ -323,6 +343,24 @@ def train(cfg: DictConfig, resume: str | os.PathLike | None = None, stop_at_step
             os.environ[RUN_DIR_ENV] = previous
         if lock is not None:
             lock.release()
+
+
+def check_sharded_resume(ckpt: dict | None, world: int) -> None:
+    """What a sharded (FSDP) run can resume from: a sharded checkpoint, on any world size at an epoch boundary.
+    Mid-epoch, the position in the epoch counts global batches, whose size changes with the world size, so the
+    data would not continue where it stopped."""
+    if ckpt is None:
+        return
+    if ckpt.get("sharded") is None:
+        raise RunError("this checkpoint was written by an unsharded run (ddp or one process); resume it with the "
+                       "trainer.strategy it was written with, not fsdp.")
+    saved = int(ckpt["world_size"])
+    if saved != world and int(ckpt["batch_in_epoch"]):
+        raise RunError(f"cannot resume this checkpoint on {world} process(es): it was written by {saved} in the middle "
+                       f"of epoch {ckpt['epoch']} (after {ckpt['batch_in_epoch']} global batches of {saved} x "
+                       "data.batch_size images), and a different world size changes the global batch, so the data "
+                       f"would not continue where it stopped. Resume on {saved} process(es), or use a checkpoint "
+                       "written at an epoch's end.")
 
 
 def check_resume_config(cfg: DictConfig, saved: DictConfig, path: Path) -> None:

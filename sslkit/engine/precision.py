@@ -79,9 +79,15 @@ def resolve_precision(cfg: DictConfig) -> str:
 
 
 def make_fabric(cfg: DictConfig):  # noqa: ANN201 - lightning_fabric.Fabric
-    """Lightning Fabric for the recipe's devices, nodes, strategy and resolved precision."""
+    """Lightning Fabric for the recipe's devices, nodes, strategy and resolved precision. ``fsdp``: Fabric's FSDP2
+    strategy (:func:`sslkit.engine.fsdp.fsdp_strategy`) on any accelerator, CPUs (gloo) included."""
     from lightning_fabric import Fabric
 
     t = cfg.trainer
-    return Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+    strategy = t.strategy
+    if strategy == "fsdp":
+        from sslkit.engine.fsdp import fsdp_strategy
+
+        strategy = fsdp_strategy()
+    return Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
                   precision=resolve_precision(cfg))
