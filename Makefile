@@ -44,9 +44,12 @@ pretrain-simclr: ## SimCLR, narrow ResNet on Fashion-MNIST (2-core CPU default),
 pretrain-dino: ## DINO, narrow ResNet on Fashion-MNIST (2-core CPU default), then teacher k-NN vs raw pixels
 	sslkit pretrain recipes/dino_resnet_fmnist.yaml output_dir=$(RUNS) $(ARGS)
 
-pretrain-dino-vit: ## DINO, 4-block ViT-Tiny on Fashion-MNIST, then its attention maps
+pretrain-dino-vit: ## DINO, 4-block ViT-Tiny on Fashion-MNIST (2-core CPU, 28 min), then attention and PCA maps on scenes and their Jaccard
 	sslkit pretrain recipes/dino_vit_tiny_fmnist.yaml output_dir=$(RUNS) $(ARGS)
-	sslkit viz attention $(RUNS)/dino_vit_tiny_fmnist-latest --from-dataset 4
+	sslkit viz attention $(RUNS)/dino_vit_tiny_fmnist-latest --dataset fmnist_scenes --from-dataset 6 --image-size 64
+	sslkit viz pca $(RUNS)/dino_vit_tiny_fmnist-latest --dataset fmnist_scenes --from-dataset 6 --image-size 64
+	$(PYTHON) benchmarks/dense_jaccard.py --runs $(RUNS)/dino_vit_tiny_fmnist-latest --num 1000 \
+		--out $(RUNS)/dino_vit_tiny_fmnist-latest/jaccard
 
 pretrain-mae: ## MAE, ViT-Tiny on Fashion-MNIST (2-core CPU), then a reconstruction grid
 	sslkit pretrain recipes/mae_vit_tiny_fmnist.yaml output_dir=$(RUNS) $(ARGS)

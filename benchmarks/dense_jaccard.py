@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from time_to_accuracy import cpu_model  # benchmarks/ is on sys.path as a script
 
 from sslkit.augment.base import eval_transform
 from sslkit.plugins import load_all
@@ -73,7 +73,7 @@ def main() -> None:
     kw = encoder_kwargs(cfg, for_eval=True) if args.runs else dict(DEFAULT_VIT)
     torch.manual_seed(args.seed)
     encoders["random init"] = ENCODERS.build(kw.pop("name"), **kw).eval()
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": cpu_model(),
               "canvases": len(ds), "image_size": args.image_size, "attention_mass": 0.6, "encoders": {}}
     for name, enc in encoders.items():
         t0 = time.perf_counter()

@@ -59,9 +59,13 @@ def load_mae(run_dir: str | os.PathLike, map_location: str = "cpu") -> tuple[nn.
     if not ckpt_path.is_file():
         raise RunError(f"{d} has no checkpoints/last.ckpt: the decoder is only saved in training checkpoints. "
                        "Train (or resume) the run until it writes one.")
-    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or "objective" not in ckpt:
-        raise RunError(f"{ckpt_path} has no 'objective' state; is it an sslkit training checkpoint?")
+    from sslkit.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)  # weights_only; refuses files that are not sslkit training checkpoints
+    if "sharded" in ckpt:  # trainer.strategy=fsdp: the weights are in the distributed checkpoint it names
+        from sslkit.engine.fsdp import read_full_state
+
+        ckpt["objective"] = read_full_state(ckpt["sharded"])["objective"]
     mae_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(entry.config), cfg.objective))
     mae = entry.factory(encoder=build_encoder(cfg), cfg=mae_cfg)
     load_state_strict(mae, ckpt["objective"], str(ckpt_path))
