@@ -7,18 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sslkit.curate import graph
+from sslkit.curate import verify as verify_mod
 from sslkit.curate.dedup import dedup
 from sslkit.curate.embed import Changes, Embeddings, embed_collection, view_boxes
 from sslkit.curate.embedders import load_embedder
 from sslkit.curate.plant import plant_duplicates, write_images
 from sslkit.curate.retrieve import retrieve
+from sslkit.curate.verify import cap_pairs, crop_correlation, pair_scores
 from sslkit.data import DataError
 from sslkit.plugins import load_all
 from sslkit.registry import DATASETS
 
 load_all()
+FMNIST_ROWS = slice(8000, 8100)  # test images apart from the benchmark's development and held-out splits
 
 
 def _shapes(n: int, seed: int = 0) -> np.ndarray:
@@ -113,6 +117,80 @@ def test_dedup_finds_planted_duplicates(planted, tmp_path):
     for rec in truth:  # a crop has fewer pixels than its source, so "largest" never keeps it
         if rec["kind"] == "crop":
             assert row[rec["copy"]] in removed
+
+
+@pytest.fixture(scope="module")
+def planted_fmnist(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted_fmnist")
+    ds = DATASETS.build("fashion_mnist", split="test")
+    base = write_images(ds._images[FMNIST_ROWS, 0].numpy(), root / "base")
+    truth = plant_duplicates(base, root / "dups", per_kind=3, seed=2)
+    return root, truth
+
+
+def test_verified_dedup_groups_exactly_the_planted_copies(planted_fmnist, tmp_path):
+    """Recall and precision: every copy joins its source, and no group holds two distinct Fashion-MNIST items
+    (the cosine alone links many, see the last assertion)."""
+    root, truth = planted_fmnist
+    emb = embed_collection(root, load_embedder("builtin"), tmp_path / "cache", progress=False)
+    row = {str(f): r for r, f in enumerate(emb.files)}
+    source_of = {row[r["copy"]]: row[r["source"]] for r in truth}
+    res = dedup(emb, verify_threshold=verify_mod.DEFAULT_VERIFY_THRESHOLD, progress=False)
+    group_of = {int(r): gid for gid, g in enumerate(res.groups) for r in g}
+    for rec in truth:
+        assert group_of.get(row[rec["copy"]], -1) == group_of.get(row[rec["source"]], -2), rec["kind"]
+    assert sorted(sorted(g.tolist()) for g in res.groups) == sorted(sorted(p) for p in source_of.items())
+    unverified = dedup(emb, progress=False)
+    assert any(len({source_of.get(int(r), int(r)) for r in g}) > 1 for g in unverified.groups)
+
+
+def test_crop_correlation_equals_brute_force():
+    torch.manual_seed(0)
+    p, c, t = 3, 1, 8
+    a, b = torch.rand(p, c, 16, 16), torch.rand(p, c, 16, 16)
+    sizes = torch.tensor([[[1.0, 1.0], [0.75, 0.7]]]).expand(p, 2, 2).contiguous()
+    got, box = crop_correlation(a, b, sizes, template=t)
+    ident = F.affine_grid(torch.eye(2, 3)[None], [1, c, t, t], align_corners=False)
+    for n in range(p):
+        tmpl = F.grid_sample(b[n:n + 1], ident, align_corners=False).flatten()
+        best, best_box = -1.0, None
+        for bw, bh in sizes[n].tolist():
+            for oy in range(t + 1):
+                for ox in range(t + 1):
+                    x0, y0 = ox * bw / t, oy * bh / t
+                    if x0 + bw > 1.02 or y0 + bh > 1.02:
+                        continue
+                    # pixel centres of the box in A, as grid_sample coordinates in [-1, 1]
+                    xs = 2 * (x0 + (torch.arange(t) + 0.5) * bw / t) - 1
+                    ys = 2 * (y0 + (torch.arange(t) + 0.5) * bh / t) - 1
+                    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)[None]
+                    crop = F.grid_sample(a[n:n + 1], grid, align_corners=False, padding_mode="zeros").flatten()
+                    r = float(torch.corrcoef(torch.stack([crop, tmpl]))[0, 1])
+                    if r > best:
+                        best, best_box = r, [x0, y0, bw, bh]
+        assert abs(float(got[n]) - best) < 1e-4
+        np.testing.assert_allclose(box[n].tolist(), best_box, atol=1e-5)
+
+
+def test_pair_scores_find_a_crop_and_ignore_brightness():
+    a = _shapes(2, seed=3).mean(-1)  # (2, 32, 32)
+    crop = torch.from_numpy(a[:1, None, 5:28, 3:30].copy())  # 27 x 23: 61% of the area, at (3, 5)
+    b = F.interpolate(crop, size=(32, 32), mode="bilinear", antialias=True, align_corners=False) * 0.5 + 40
+    b = b[:, 0].round().numpy().astype(np.uint8)  # resized to a square thumbnail, dimmed
+    u8 = a.round().astype(np.uint8)
+    dims_a, dims_b = np.array([[32, 32]]), np.array([[27, 23]])
+    asp_a, asp_b = np.ones(1, np.float32), np.array([27 / 23], np.float32)
+    same = pair_scores(u8[:1], b, asp_a, asp_b, dims_a, dims_b)
+    swapped = pair_scores(b, u8[:1], asp_b, asp_a, dims_b, dims_a)  # the crop first: the other direction
+    other = pair_scores(u8[1:], b, asp_a, asp_b, dims_a, dims_b)  # a different picture
+    assert same[0] > 0.98 and swapped[0] > 0.98 and other[0] < 0.9
+
+
+def test_cap_pairs_keeps_k_best_of_each_image():
+    i, j = np.array([0, 0, 0, 1, 2]), np.array([1, 2, 3, 2, 3])
+    s = np.array([0.9, 0.8, 0.7, 0.95, 0.6])
+    # k = 1: 0 keeps 0-1, 1 and 2 keep 1-2, 3 keeps 0-3 (0.7 beats 0.6); 2-3 is nobody's best
+    assert sorted(cap_pairs(i, j, s, 1).tolist()) == [0, 2, 3]
 
 
 def test_dedup_against_eval_set(tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sslkit.curate import graph
+from sslkit.curate import graph, verify
 from sslkit.curate import retrieve as retrieve_mod
 
 
@@ -27,6 +27,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="cosine at or above which two images are duplicates; lower finds more, with more false "
                         "pairs (benchmarks/curate_dedup.py measures both)")
     p.add_argument("--k", type=int, default=graph.DEFAULT_K, help="neighbours searched per view")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                   help="check each candidate pair on the pixels: is one image a (cropped, resized, recoloured) box "
+                        "of the other? Default: on for the builtin encoder, off for runs and timm models")
+    p.add_argument("--verify-threshold", type=float, default=verify.DEFAULT_VERIFY_THRESHOLD,
+                   help="pixel correlation (normalised cross-correlation of the best box) a verified pair needs")
     p.add_argument("--keep", choices=graph.KEEP_RULES, default="largest",
                    help="which image of a group stays: largest (most pixels, then largest file) or first (path order)")
     p.add_argument("--index", default=None,
@@ -84,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if args.k < 1:
         raise CLIError(f"--k must be at least 1, got {args.k}")
+    if not -1.0 < args.verify_threshold <= 1.0:
+        raise CLIError(f"--verify-threshold is a correlation in (-1, 1], got {args.verify_threshold}")
+    verify_on = args.encoder == "builtin" if args.verify is None else args.verify
+    verify_threshold = args.verify_threshold if verify_on else None
     if args.encoder.startswith("timm:") and not args.weights:
         raise CLIError(f"{args.encoder} needs --weights FILE: nothing is downloaded.")
     out = Path(args.out)
@@ -94,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.curate_command == "dedup":
         emb = _embed(args.source, args, embedder, cache, "embed")
         res = dedup(emb, threshold=args.threshold, k=args.k, keep=args.keep, index=args.index, against=against,
-                    progress=progress)
+                    verify_threshold=verify_threshold, progress=progress)
         s = report.write_dedup(res, out)
         print(f"kept {s['kept']} of {s['images']} images; removed {s['removed_duplicates']} duplicates and "
               f"{s['removed_eval']} eval duplicates; {s['unreadable']} unreadable. Lists and report in {out}/")
@@ -112,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             feats[f"{name}_features"] = _embed(src, args, sem, cache, f"features {name}", [(0.0, 0.0, 1.0)]).full_view()
     res = retrieve_mod.retrieve(seed, pool, mode=args.mode, per_seed=args.per_seed, clusters=args.clusters,
                                 clusters_per_seed=args.clusters_per_seed, evals=against, threshold=args.threshold,
-                                k=args.k, keep=args.keep, index=args.index, progress=progress, **feats)
+                                k=args.k, keep=args.keep, index=args.index, verify_threshold=verify_threshold,
+                                progress=progress, **feats)
     s = report.write_retrieve(res, seed.files, out)
     print(f"retrieved {s['retrieved']} of {s['pool_after_dedup']} deduplicated pool images ({args.mode}); "
           f"image list: {out / 'curated.txt'}")

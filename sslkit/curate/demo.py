@@ -24,15 +24,18 @@ SEED_PER_CLASS = 100
 OOD_PREFIX = "ood"
 
 
-def prepare_dedup(out: Path, base: int, per_kind: int, seed: int = 0) -> list[dict[str, str]]:
-    """``out/dedup/{base,dups}`` and ``out/dedup/truth.json``; returns the planted records."""
+def prepare_dedup(out: Path, base: int, per_kind: int, seed: int = 0, start: int = 0) -> list[dict[str, str]]:
+    """``out/dedup/{base,dups}`` and ``out/dedup/truth.json`` from test images ``start .. start + base``; returns
+    the planted records."""
     from sslkit.plugins import load_all
     from sslkit.registry import DATASETS
 
     load_all()
     ds = DATASETS.build("fashion_mnist", split="test")
     folder = out / "dedup"
-    paths = write_images(ds._images[:base, 0].numpy(), folder / "base")
+    if start + base > len(ds):
+        raise ValueError(f"images {start}..{start + base} asked for, the test split has {len(ds)}")
+    paths = write_images(ds._images[start:start + base, 0].numpy(), folder / "base")
     truth = plant_duplicates(paths, folder / "dups", per_kind, seed=seed)
     (folder / "truth.json").write_text(json.dumps(truth))
     return truth

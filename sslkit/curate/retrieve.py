@@ -77,7 +77,7 @@ def retrieve(seed_set: Embeddings, pool: Embeddings, *, mode: str = "sample", pe
              evals: list[Embeddings] | tuple = (), threshold: float = graph.DEFAULT_THRESHOLD,
              k: int = graph.DEFAULT_K, keep: str = "largest", index: str | None = None, seed: int = 0,
              seed_features: np.ndarray | None = None, pool_features: np.ndarray | None = None,
-             progress: bool = True) -> RetrieveResult:
+             verify_threshold: float | None = None, progress: bool = True) -> RetrieveResult:
     """Retrieve pool images near the seed set, after deduplicating the pool against itself, the seeds and ``evals``.
 
     ``seed_features`` / ``pool_features`` ``(S, D)`` / ``(P, D)`` unit rows, if given, are used for the retrieval
@@ -86,7 +86,7 @@ def retrieve(seed_set: Embeddings, pool: Embeddings, *, mode: str = "sample", pe
     if mode not in MODES:
         raise ValueError(f"retrieval mode must be one of {MODES}, got {mode!r}")
     cleaned = dedup(pool, threshold=threshold, k=k, keep=keep, index=index, against=[seed_set, *evals],
-                    progress=progress)
+                    verify_threshold=verify_threshold, progress=progress)
     avail = cleaned.kept
     seeds_ok = np.flatnonzero(seed_set.ok)
     seed_vecs = seed_set.full_view(seeds_ok) if seed_features is None else seed_features[seeds_ok]

@@ -37,6 +37,7 @@ class TrainContext:
     logs: MetricsLog | None = None
     attention: str | None = None  # "fused" / "math" for ViTs, None for CNNs
     result: dict[str, Any] = field(default_factory=dict)  # what the callbacks measured (final k-NN, ...)
+    step_inputs: tuple | None = None  # (views, labels) of the current step, for the health checks and the probe
 
     @property
     def is_main(self) -> bool:

@@ -75,7 +75,7 @@ def step_features(ctx: TrainContext, encoder: torch.nn.Module) -> torch.Tensor |
     when they look at the same encoder (not DINO's, whose probe reads the teacher)."""
     from sslkit.eval.features import _inference_mode
 
-    inputs = getattr(ctx, "step_inputs", None)
+    inputs = ctx.step_inputs
     if inputs is None:
         return None
     key = (ctx.state.step, id(encoder))

@@ -119,7 +119,7 @@ class OnlineProbe(Callback):
             self.view_size = self.state.get("view_size")
 
     def on_step_end(self, ctx: TrainContext, out: dict[str, torch.Tensor]) -> None:
-        inputs = getattr(ctx, "step_inputs", None)
+        inputs = ctx.step_inputs
         feats = step_features(ctx, ctx.objective.eval_encoder())
         if feats is None or inputs is None or self.probe is None:
             return
