@@ -383,6 +383,23 @@ def test_reconstruction_panels_and_png(tmp_path, tiny_recipe):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_reconstruction_reads_a_sharded_checkpoint(tmp_path, tiny_recipe):
+    # trainer.strategy=fsdp: last.ckpt names a distributed checkpoint folder that holds the objective's weights.
+    from sslkit.engine.fsdp import save_sharded
+    from sslkit.viz import reconstruct
+
+    run, mae, _ = _fake_run(tmp_path, tiny_recipe)
+    with torch.no_grad():
+        for p in mae.parameters():
+            p.add_(0.01)  # weights that differ from a fresh build
+    opt = torch.optim.AdamW(mae.parameters())
+    folder = save_sharded(run / "checkpoints", 3, mae, opt, {})
+    torch.save({"format": "sslkit", "sharded": folder.name}, run / "checkpoints" / "last.ckpt")
+    loaded, _ = reconstruct.load_mae(run)
+    for k, v in mae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
 def test_reconstruction_needs_an_mae_run(tmp_path):
     from sslkit.run import RunError
     from sslkit.viz import reconstruct
