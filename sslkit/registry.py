@@ -23,6 +23,16 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_ERROR_CHARS = 2000
+# The most layers or blocks a registered component builds from one recipe number (ViT depth, ResNet stage depth,
+# head layers, MAE decoder depth). Even on the meta device each layer is a Python object, so a recipe asking for
+# 10**12 of them would exhaust memory before the parameter count could be checked.
+MAX_LAYERS = 256
+
+
+def check_layers(what: str, n: int, low: int = 1) -> None:
+    """Refuse a layer count outside ``[low, MAX_LAYERS]`` with a ValueError naming ``what``."""
+    if not isinstance(n, int) or isinstance(n, bool) or not low <= n <= MAX_LAYERS:
+        raise ValueError(f"{what} must be an integer from {low} to {MAX_LAYERS}, got {n!r}")
 
 
 def error_line(error: BaseException | str) -> str:

@@ -25,7 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sslkit.encoders import timm_models  # noqa: F401  (registers sslkit_* architectures with timm)
-from sslkit.registry import ENCODERS
+from sslkit.registry import ENCODERS, check_layers
 
 
 class Tokens(NamedTuple):
@@ -239,6 +239,9 @@ def resnet_cifar(widths: list[int] = (64, 128, 256, 512), depths: list[int] = (2
     ``widths[-1] * g * g``): the feature keeps where things are, which matters for aligned images such as
     Fashion-MNIST. 1 is the usual global average pool.
     """
+    check_layers("the number of stages (len(encoder.widths))", len(widths))
+    for d in depths:
+        check_layers("each of encoder.depths", d)
     kw = {"widths": [int(w) for w in widths], "depths": [int(d) for d in depths], "stem_stride": int(stem_stride),
           "pool_grid": int(pool_grid)}
     model = _timm("sslkit_resnet_cifar", zero_init_last=zero_init_residual, **kw)  # timm_models.py builds it
@@ -269,6 +272,7 @@ def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192
     """ViT-Tiny for small images: 4x4 patches (64 tokens at 32 px, 49 at 28 px); ``reg_tokens`` register tokens."""
     if reg_tokens < 0:
         raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
+    check_layers("encoder.depth", depth)
     model = VisionTransformer(img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=depth, reg_tokens=reg_tokens,
                               num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, drop_path_rate=drop_path_rate,
                               dynamic_img_size=True, global_pool="token" if pool == "token" else "avg",

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from sslkit.registry import check_layers
+
 HEAD_INIT_STD = 0.02  # truncated-normal std of the head's MLP weights (official DINOHead._init_weights)
 
 
@@ -32,8 +34,7 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  num_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"DINO head needs at least one MLP layer, got num_layers={num_layers}")
+        check_layers("the DINO head's num_layers (objective.head_layers)", num_layers)
         layers: list[nn.Module] = []
         d = in_dim
         for _ in range(num_layers - 1):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from sslkit.registry import check_layers
+
 
 class ProjectionHead(nn.Module):
     """``num_layers`` linear layers; every one but the last is followed by BatchNorm and ReLU.
@@ -30,8 +32,7 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False,
                  hidden_bias: bool = False) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"a projection head needs at least one layer, got num_layers={num_layers}")
+        check_layers("a projection head's num_layers", num_layers)
         layers: list[nn.Module] = []
         d = in_dim
         for _ in range(num_layers - 1):

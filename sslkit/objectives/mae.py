@@ -30,7 +30,7 @@ from torch import nn
 
 from sslkit.encoders import Encoder
 from sslkit.objectives.base import Objective, Views, global_rows, sample_seed
-from sslkit.registry import OBJECTIVES
+from sslkit.registry import OBJECTIVES, check_layers
 
 # Wavelength scale of the sin-cos position embedding (Vaswani et al. 2017; the official MAE code uses the same).
 SINCOS_TEMPERATURE = 10000.0
@@ -205,6 +205,7 @@ class MAEDecoder(nn.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, heads: int, mlp_ratio: float, patch_size: int,
                  in_chans: int, grid: tuple[int, int], init_std: float) -> None:
         super().__init__()
+        check_layers("objective.decoder_depth", depth)
         if dim % heads:
             raise ValueError(f"objective.decoder_dim {dim} must be divisible by objective.decoder_heads {heads}")
         if dim % 4:

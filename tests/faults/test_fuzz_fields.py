@@ -136,3 +136,16 @@ def test_tampered_run_directories_are_one_clear_error(tmp_path, capsys, finished
 def test_zz_report_fuzz_counts():
     """Prints the recipe fuzz's counts per kind of value (run last in this module)."""
     print(dict(sorted(SEEN.items())))
+
+
+@pytest.mark.parametrize("section,key,value", [("objective", "proj_layers", 10**12), ("encoder", "depth", 10**12),
+                                               ("objective", "proj_layers", 0), ("encoder", "depth", 257)])
+def test_layer_counts_are_bounded_before_anything_is_built(tmp_path, capsys, section, key, value):
+    # Each layer is a Python object even on the meta device: 10**12 of them would exhaust memory before the
+    # parameter count is checked, so layer counts are refused first.
+    raw = copy.deepcopy(BASE)
+    raw["output_dir"] = str(tmp_path / "runs")
+    raw.setdefault(section, {})[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert _check(capsys, ["pretrain", str(path), "--dry-run"], tmp_path / "runs") == 2
