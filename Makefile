@@ -80,7 +80,7 @@ retrieval: ## FAISS retrieval metrics for RUN
 	sslkit eval retrieval $(RUN) $(ARGS)
 
 curate-demo: ## plant duplicates in Fashion-MNIST, dedup, then retrieve around a seed set -> curate_demo/
-	$(PYTHON) -m sslkit.curate.demo --out curate_demo --pool-size 10000 $(ARGS)
+	$(PYTHON) -m sslkit.curate.demo --out curate_demo --pool-size 3000 $(ARGS)
 
 bench: ## all benchmarks -> bench_out/*.json, Markdown tables and plots (about 2.5 hours on 2 cores)
 	$(PYTHON) benchmarks/throughput.py --out bench_out

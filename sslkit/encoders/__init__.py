@@ -239,9 +239,9 @@ def resnet_cifar(widths: list[int] = (64, 128, 256, 512), depths: list[int] = (2
     ``widths[-1] * g * g``): the feature keeps where things are, which matters for aligned images such as
     Fashion-MNIST. 1 is the usual global average pool.
     """
-    check_layers("the number of stages (len(encoder.widths))", len(widths))
+    check_layers("resnet_cifar: the number of stages (len(encoder.widths))", len(widths))
     for d in depths:
-        check_layers("each of encoder.depths", d)
+        check_layers("resnet_cifar: each of encoder.depths", d)
     kw = {"widths": [int(w) for w in widths], "depths": [int(d) for d in depths], "stem_stride": int(stem_stride),
           "pool_grid": int(pool_grid)}
     model = _timm("sslkit_resnet_cifar", zero_init_last=zero_init_residual, **kw)  # timm_models.py builds it
