@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from sslkit.eval.linear import LinearHeads
+from sslkit.viz import save_panel_grid
 
 PROBE_NAME = "probe.safetensors"
 PROBE_LR, PROBE_WEIGHT_DECAY, PROBE_EPOCHS = 0.1, 1e-4, 20
 PROBE_TRAIN_IMAGES = 10000  # a fixed random subset of the train split is enough for a probe to explain
 OVERLAY_ALPHA = 0.5
-PANEL_INCHES = 1.6
 
 
 def gradcam(encoder, probe: LinearHeads, images: torch.Tensor,  # noqa: ANN001 - an sslkit CNN Encoder
@@ -97,30 +97,13 @@ def save_gradcam_grid(images: torch.Tensor, maps: torch.Tensor, titles: list[str
     """One row per image: the image, the heatmap, and the heatmap over the image."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sslkit.run import save_figure_png
-
-    cols = ("image", "Grad-CAM", "overlay")
-    fig, axes = plt.subplots(len(images), 3, squeeze=False, figsize=(3 * PANEL_INCHES, PANEL_INCHES * len(images)))
-    heat = plt.get_cmap("jet")
-    for i, img in enumerate(images):
-        rgb = img.permute(1, 2, 0).numpy()
-        colored = heat(maps[i].numpy())[..., :3]
-        for j, panel in enumerate((rgb, maps[i].numpy(), (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * colored)):
-            ax = axes[i, j]
-            ax.imshow(panel, cmap="jet" if j == 1 else None, vmin=0, vmax=1, interpolation="bilinear")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(cols[j], fontsize=8)
-        axes[i, 0].set_ylabel(names[i], fontsize=6)
-        axes[i, 2].set_xlabel(titles[i], fontsize=6)
-    fig.tight_layout()
-    save_figure_png(fig, path, 120)
-    plt.close(fig)
-    return path
+    heat = matplotlib.colormaps["jet"]
+    rows = []
+    for img, m in zip(images, maps):
+        rgb, m = img.permute(1, 2, 0).numpy(), m.numpy()
+        rows.append([rgb, m, (1 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * heat(m)[..., :3]])
+    return save_panel_grid(rows, ["image", "Grad-CAM", "overlay"], names, path, xlabels=titles, cmap="jet", vmin=0,
+                           vmax=1, interpolation="bilinear")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

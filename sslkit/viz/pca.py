@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-PANEL_INCHES = 1.6
+from sslkit.viz import save_panel_grid
 
 
 @torch.no_grad()
@@ -42,33 +42,13 @@ def pca_views(encoder, images: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa
 
 def save_pca_grid(images: torch.Tensor, views: dict[str, torch.Tensor], names: list[str], path: Path) -> Path:
     """One row per image: the image, its PCA colours, its CLS attention (ViTs) and the foreground mask."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sslkit.run import save_figure_png
-
     cols = ["image", "PCA of patches", *(["CLS attention"] if "attention" in views else []), "foreground"]
-    fig, axes = plt.subplots(len(images), len(cols), squeeze=False,
-                             figsize=(PANEL_INCHES * len(cols), PANEL_INCHES * len(images)))
+    rows = []
     for i, img in enumerate(images):
-        panels = [img.permute(1, 2, 0), views["rgb"][i]]
-        if "attention" in views:
-            panels.append(views["attention"][i])
-        panels.append(views["foreground"][i].float())
-        for j, panel in enumerate(panels):
-            ax = axes[i, j]
-            ax.imshow(panel.numpy(), cmap="inferno" if panel.ndim == 2 else None, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(cols[j], fontsize=8)
-        axes[i, 0].set_ylabel(names[i], fontsize=6)
-    fig.tight_layout()
-    save_figure_png(fig, path, 120)
-    plt.close(fig)
-    return path
+        panels = [img.permute(1, 2, 0), views["rgb"][i], *([views["attention"][i]] if "attention" in views else []),
+                  views["foreground"][i].float()]
+        rows.append([p.numpy() for p in panels])
+    return save_panel_grid(rows, cols, names, path, cmap="inferno", interpolation="nearest")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

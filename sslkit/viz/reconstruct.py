@@ -41,7 +41,6 @@ DPI = 150
 def load_mae(run_dir: str | os.PathLike, map_location: str = "cpu") -> tuple[nn.Module, DictConfig]:
     """Rebuild a run's objective (encoder + decoder) from ``config.yaml`` and ``checkpoints/last.ckpt``, through the
     objective registry; it must reconstruct images (``reconstruct`` and ``pixel_mask``, as MAE does)."""
-    import torch
     from omegaconf import OmegaConf
 
     from sslkit.plugins import load_all
