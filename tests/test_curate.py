@@ -336,3 +336,25 @@ def test_curated_list_trains_through_the_cli(tmp_path, tiny_recipe):
     assert main(["pretrain", str(tmp_path / "r.yaml")]) == 0
     run = next((tmp_path / "runs").glob("curated*"))
     assert (run / "encoder.safetensors").is_file()
+
+
+def test_timm_embedder_with_local_weights_gives_timm_features(tmp_path):
+    # The curation path loads timm models as `sslkit eval` does (sslkit.eval.sources): same weights, same features.
+    import timm
+    from safetensors.torch import save_file
+
+    from sslkit.curate.embedders import load_embedder
+    from sslkit.run import RunError
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    emb = load_embedder("timm:resnet18", weights=str(tmp_path / "w.safetensors"), image_size=32)
+    x = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model((x - mean) / std), dim=1)
+    torch.testing.assert_close(emb(x), want)
+    with pytest.raises(RunError, match="needs --weights"):
+        load_embedder("timm:resnet18")

@@ -25,9 +25,7 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -96,46 +94,19 @@ class Embedder:
         return F.normalize(self.module(x).float(), dim=1).cpu()  # (B, D)
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _load_timm(name: str, weights: str | None, image_size: int | None, device: str) -> Embedder:
-    import timm
-
-    from sslkit.run import RunError, load_state_strict
+    """A local timm model, loaded as ``sslkit eval`` loads a ``timm:`` source (safe weights loading, strict keys,
+    the model's own mean/std, export folders too)."""
+    from sslkit.eval.sources import _identity_hash, load_timm_source, parse_source, timm_source_image_size
+    from sslkit.run import RunError
 
     if not weights:
         raise RunError(f"timm:{name} needs --weights FILE (a local .safetensors, .pth or .bin state dict): nothing is "
                        "downloaded, and random weights would make every image look alike.")
-    w = Path(weights).expanduser()
-    if not w.is_file():
-        raise RunError(f"weights file {w} does not exist.")
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=0)
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise RunError(f"timm has no model {name!r} ({e}); `timm.list_models('*vit*')` lists the names.") from None
-    try:
-        if w.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(w))
-        else:
-            state = torch.load(w, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise RunError(f"cannot read weights {w}: {e}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
-        state = state.get("state_dict", state.get("model"))
-    own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc.", "classifier."))}
-    load_state_strict(model, state, str(w))
-    model.dim = model.num_features
-    size = image_size or DEFAULT_TIMM_IMAGE_SIZE
-    return Embedder(model, size, f"timm:{name}:{_file_digest(w)}:{size}", True, device)
+    source = parse_source(f"timm:{name}", weights)
+    model, identity = load_timm_source(source)
+    size = image_size or timm_source_image_size(source) or DEFAULT_TIMM_IMAGE_SIZE
+    return Embedder(model, size, f"timm:{name}:{_identity_hash(identity)[:16]}:{size}", True, device)
 
 
 def load_embedder(spec: str = "builtin", *, weights: str | None = None, image_size: int | None = None,
