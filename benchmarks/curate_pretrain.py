@@ -54,9 +54,12 @@ def knn_on_seed_classes(run_dir: Path, bank: int, queries: int) -> float:
     return float(next(v for key, v in res.items() if key.startswith("top1")))
 
 
-def pretrain(recipe: str, image_list: Path, out: Path, minutes: float, name: str, overrides: list[str]) -> Path:
+def pretrain(recipe: str, image_list: Path, out: Path, minutes: float, steps: int | None, name: str,
+             overrides: list[str]) -> Path:
+    length = ([f"trainer.time_budget_minutes={minutes}"] if steps is None else
+              ["trainer.time_budget_minutes=null", f"trainer.max_steps={steps}"])
     cmd = [sys.executable, "-m", "sslkit.cli", "pretrain", recipe, f"name={name}", f"output_dir={out}",
-           "data.name=image_list", f"data.root={image_list}", "eval.final_knn=false", f"trainer.time_budget_minutes={minutes}", *overrides]
+           "data.name=image_list", f"data.root={image_list}", "eval.final_knn=false", *length, *overrides]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return next(p for p in sorted(out.glob(f"{name}*")) if p.is_dir() and not p.is_symlink())
@@ -66,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default=str(ROOT / "recipes" / "simclr_resnet_fmnist.yaml"))
     p.add_argument("--minutes", type=float, default=3.0, help="wall-clock budget of each pretraining")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train each for this many steps instead of --minutes: the same compute for both (one "
+                        "recipe, one batch size), and a figure that does not depend on what else the machine runs")
     p.add_argument("--pool-size", type=int, default=10000, help="Fashion-MNIST train images in the pool (+ as many OOD)")
     p.add_argument("--mode", default="sample")
     p.add_argument("--per-seed", type=int, default=8)
-    p.add_argument("--bank", type=int, default=5000, help="k-NN bank size (seed classes, train split)")
-    p.add_argument("--queries", type=int, default=2000, help="k-NN queries (seed classes, test split)")
+    p.add_argument("--bank", type=int, default=None, help="k-NN bank size (seed classes, train split; default all)")
+    p.add_argument("--queries", type=int, default=None, help="k-NN queries (seed classes, test split; default all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curate_pretrain"))
     p.add_argument("overrides", nargs="*", help="recipe overrides for both runs")
     args = p.parse_args(argv)
@@ -86,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         random = [pool[i] for i in np.sort(rng.choice(len(pool), len(curated), replace=False))]
         (work / "random.txt").write_text("\n".join(random) + "\n")
         result = {"cpu": cpu_model(), "command": "python " + " ".join(sys.argv), "subset_size": len(curated),
-                  "minutes": args.minutes, "pool_base_rate": info["base_rate"]}
+                  "minutes": None if args.steps else args.minutes, "steps": args.steps,
+                  "pool_base_rate": info["base_rate"]}
         for name, lst in (("curated", work / "curated" / "curated.txt"), ("random", work / "random.txt")):
-            run = pretrain(args.recipe, lst, work / "runs", args.minutes, f"curate_{name}", args.overrides)
+            run = pretrain(args.recipe, lst, work / "runs", args.minutes, args.steps, f"curate_{name}",
+                           args.overrides)
             result[f"{name}_knn_top1"] = knn_on_seed_classes(run, args.bank, args.queries)
             print(name, result[f"{name}_knn_top1"], flush=True)
     from sslkit.curate.report import write_json
@@ -96,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     write_json(Path(args.out + ".json"), result)
     md = (f"# Curated vs random pretraining subset ({result['cpu']})\n\nCommand: `{result['command']}`; "
-          f"{result['subset_size']} images each, {args.minutes} min each.\n\n| subset | k-NN top-1 (5 seed classes) |\n"
+          f"{result['subset_size']} images each, "
+          f"{f'{args.steps} steps' if args.steps else f'{args.minutes} min'} each.\n\n| subset | k-NN top-1 (5 seed classes) |\n"
           f"| --- | --- |\n| curated | {result['curated_knn_top1']:.4f} |\n| random | {result['random_knn_top1']:.4f} |\n")
     atomic_write_bytes(Path(args.out + ".md"), md.encode())
     print(json.dumps(result, indent=1))

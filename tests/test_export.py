@@ -30,6 +30,14 @@ CASES = {
     "vit_base_patch16_224": ({"img_size": 32}, 32),
 }
 SLOW = {"resnet50", "vit_small_patch16_224", "vit_base_patch16_224"}  # 25-86M parameters written and read back
+# Variants whose weights go through another timm architecture: "<encoder>[<variant>]".
+VARIANTS = {"vit_tiny_patch4_32[conv_stem]": ({"img_size": 28, "depth": 1, "embed_dim": 64, "num_heads": 2,
+                                                  "conv_stem": True}, 28)}
+
+
+def _case(case: str) -> tuple[str, dict, int]:
+    kw, size = {**CASES, **VARIANTS}[case]
+    return case.split("[")[0], kw, size
 
 
 def _perturbed(name: str, kw: dict) -> torch.nn.Module:
@@ -50,9 +58,10 @@ def test_every_encoder_has_a_case():
     assert sorted(CASES) == ENCODERS.names()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
-def test_timm_one_line_call_gives_sslkit_features(name, tmp_path):
-    kw, size = CASES[name]
+@pytest.mark.parametrize("case", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in [*CASES, *VARIANTS]])
+def test_timm_one_line_call_gives_sslkit_features(case, tmp_path):
+    name, kw, size = _case(case)
     enc = _perturbed(name, kw)
     export_timm(enc, size, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -70,11 +79,11 @@ def test_timm_one_line_call_gives_sslkit_features(name, tmp_path):
     assert list(local.pretrained_cfg["input_size"]) == [3, size, size]  # config.json's preprocessing
 
 
-@pytest.mark.parametrize("name", ["resnet_cifar", "vit_tiny_patch4_32"])
-def test_onnx_matches_torch(name, tmp_path):
+@pytest.mark.parametrize("case", ["resnet_cifar", "vit_tiny_patch4_32", "vit_tiny_patch4_32[conv_stem]"])
+def test_onnx_matches_torch(case, tmp_path):
     import onnxruntime as ort
 
-    kw, size = CASES[name]
+    name, kw, size = _case(case)
     enc = _perturbed(name, kw)
     entry = export_onnx(enc, size, tmp_path)
     runner = ort.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])

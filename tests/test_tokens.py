@@ -14,16 +14,16 @@ SMALL = {"vit_tiny_patch4_32": {"depth": 1, "embed_dim": 32, "num_heads": 2},
 VITS = [n for n in ENCODERS.names() if n.startswith("vit")]
 
 
-def _build(name: str, registers: int):
+def _build(name: str, registers: int, **kw):
     torch.manual_seed(0)
-    return ENCODERS.build(name, **SMALL.get(name, {}), reg_tokens=registers).eval()
+    return ENCODERS.build(name, **SMALL.get(name, {}), reg_tokens=registers, **kw).eval()
 
 
 @pytest.mark.parametrize("registers", [0, 4])
-@pytest.mark.parametrize("name", VITS)
-def test_vit_tokens_split_cls_registers_and_patches(name, registers):
+@pytest.mark.parametrize("name,options", [*((n, {}) for n in VITS), ("vit_tiny_patch4_32", {"conv_stem": True})])
+def test_vit_tokens_split_cls_registers_and_patches(name, options, registers):
     assert name in SMALL, f"give {name} a small size in this test"
-    enc = _build(name, registers)
+    enc = _build(name, registers, **options)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         tokens = enc.forward_tokens(x)
@@ -80,3 +80,28 @@ def test_cnn_tokens_are_its_last_feature_map():
     torch.testing.assert_close(tokens.cls, fmap.mean(dim=(2, 3)))
     with pytest.raises(TypeError, match="CNN"):
         enc.forward_tokens(x, mask=torch.zeros(2, 64, dtype=torch.bool))
+
+
+def test_conv_stem_embeds_patches_with_stride_2_convolutions():
+    """The convolutional stem (Xiao et al. 2021): 3x3 stride-2 convolutions with BatchNorm and ReLU, then a 1x1
+    convolution, computed by hand; the token grid is the plain 4-px patch grid."""
+    import torch.nn.functional as F
+
+    enc = _build("vit_tiny_patch4_32", 0, conv_stem=True)
+    convs = [m for m in enc.model.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in enc.model.patch_embed.proj if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [c.stride for c in convs] == [(2, 2), (2, 2), (1, 1)] and [c.out_channels for c in convs] == [16, 32, 32]
+    with torch.no_grad():
+        for bn in norms:  # non-trivial running statistics
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+        x = torch.randn(2, 3, 20, 20)
+        y = x
+        for conv, bn in zip(convs[:2], norms):
+            y = F.relu(F.batch_norm(F.conv2d(y, conv.weight, stride=2, padding=1), bn.running_mean, bn.running_var,
+                                    bn.weight, bn.bias, eps=bn.eps))
+        y = F.conv2d(y, convs[2].weight, convs[2].bias)  # (2, D, 5, 5)
+        got = enc.model.patch_embed(x)  # (2, 5, 5, D)
+        torch.testing.assert_close(got, y.permute(0, 2, 3, 1))
+        assert enc.patch_size == 4 and enc.patch_grid(20) == (5, 5)
+        assert enc.forward_tokens(x).patches.shape == (2, 25, 32)

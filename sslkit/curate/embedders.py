@@ -97,7 +97,7 @@ class Embedder:
 def _load_timm(name: str, weights: str | None, image_size: int | None, device: str) -> Embedder:
     """A local timm model, loaded as ``sslkit eval`` loads a ``timm:`` source (safe weights loading, strict keys,
     the model's own mean/std, export folders too)."""
-    from sslkit.eval.sources import _identity_hash, load_timm_source, parse_source, timm_source_image_size
+    from sslkit.eval.sources import identity_hash, load_timm_source, parse_source, timm_source_image_size
     from sslkit.run import RunError
 
     if not weights:
@@ -106,7 +106,7 @@ def _load_timm(name: str, weights: str | None, image_size: int | None, device: s
     source = parse_source(f"timm:{name}", weights)
     model, identity = load_timm_source(source)
     size = image_size or timm_source_image_size(source) or DEFAULT_TIMM_IMAGE_SIZE
-    return Embedder(model, size, f"timm:{name}:{_identity_hash(identity)[:16]}:{size}", True, device)
+    return Embedder(model, size, f"timm:{name}:{identity_hash(identity)[:16]}:{size}", True, device)
 
 
 def load_embedder(spec: str = "builtin", *, weights: str | None = None, image_size: int | None = None,

@@ -268,19 +268,23 @@ def _vit(name: str, pool: str, **kw) -> Encoder:
 @ENCODERS.register("vit_tiny_patch4_32", help="ViT-Tiny (192-d, 12 blocks, 3 heads) with 4-px patches, for 32 px")
 def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192, num_heads: int = 3,
                        mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, pool: str = "token",
-                       reg_tokens: int = 0) -> Encoder:
-    """ViT-Tiny for small images: 4x4 patches (64 tokens at 32 px, 49 at 28 px); ``reg_tokens`` register tokens."""
+                       reg_tokens: int = 0, conv_stem: bool = False) -> Encoder:
+    """ViT-Tiny for small images: 4x4 patches (64 tokens at 32 px, 49 at 28 px); ``reg_tokens`` register tokens;
+    ``conv_stem`` embeds the patches with two 3x3 stride-2 convolutions instead of one 4x4 one
+    (:class:`sslkit.encoders.timm_models.ConvStemPatchEmbed`)."""
     if reg_tokens < 0:
         raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
     check_layers("encoder.depth", depth)
-    model = VisionTransformer(img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=depth, reg_tokens=reg_tokens,
-                              num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=0, drop_path_rate=drop_path_rate,
-                              dynamic_img_size=True, global_pool="token" if pool == "token" else "avg",
-                              fc_norm=False)  # final norm on every token; see _vit
-    # timm's ViT-Tiny entry point with these arguments builds the same network (exports load with it)
-    config = _timm_config("vit_tiny_patch16_224", img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=depth,
-                          num_heads=num_heads, mlp_ratio=mlp_ratio, reg_tokens=reg_tokens, dynamic_img_size=True,
-                          global_pool="token" if pool == "token" else "avg", fc_norm=False)
+    kw = dict(img_size=img_size, patch_size=4, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+              mlp_ratio=mlp_ratio, reg_tokens=reg_tokens, dynamic_img_size=True,
+              global_pool="token" if pool == "token" else "avg", fc_norm=False)  # final norm on every token; see _vit
+    if conv_stem:
+        model = timm_models.sslkit_vit_convstem(drop_path_rate=drop_path_rate, **kw)
+        config = _timm_config(f"{timm_models.PREFIX}vit_convstem", **kw)
+    else:
+        model = VisionTransformer(num_classes=0, drop_path_rate=drop_path_rate, **kw)
+        # timm's ViT-Tiny entry point with these arguments builds the same network (exports load with it)
+        config = _timm_config("vit_tiny_patch16_224", **kw)
     return Encoder(model, "vit_tiny_patch4_32", pool=pool, timm_config=config)
 
 

@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet, make_blocks
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 PREFIX = "sslkit_"
@@ -34,7 +36,9 @@ def _cfg(**kw: Any) -> dict[str, Any]:
 
 
 # Read by timm's register_model when the entry points below are registered (it must exist before them).
-default_cfgs = generate_default_cfgs({f"{PREFIX}resnet_cifar": _cfg(), f"{PREFIX}resnet18_cifar": _cfg()})
+default_cfgs = generate_default_cfgs({f"{PREFIX}resnet_cifar": _cfg(), f"{PREFIX}resnet18_cifar": _cfg(),
+                                      f"{PREFIX}vit_convstem": _cfg(first_conv="patch_embed.proj.0",
+                                                                    classifier="head")})
 
 
 class StagedResNet(ResNet):
@@ -104,3 +108,42 @@ def sslkit_resnet_cifar(pretrained: bool = False, **kwargs: Any) -> StagedResNet
 def sslkit_resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """timm's ResNet-18 with a 3x3 stride-1 first conv and no max-pool (the SimCLR paper's CIFAR setting)."""
     return build_model_with_cfg(_resnet18_cifar, f"{PREFIX}resnet18_cifar", pretrained, **kwargs)
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """A ViT patch embedding made of 3x3 stride-2 convolutions (each with BatchNorm and ReLU) and a final 1x1
+    convolution to the embedding width, instead of one patch-sized convolution: the convolutional stem of Xiao et
+    al. 2021, "Early Convolutions Help Transformers See Better", which trains faster and is less sensitive to the
+    learning rate. ``patch_size`` must be a power of two (one stride-2 convolution per factor of two); the widths
+    double up to ``embed_dim`` (for ViT-Tiny/4: 96, 192, then 1x1 to 192). The token grid, and so everything that
+    reads ``patch_size``, is the same as with a plain patch embedding.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        size = self.patch_size[0]
+        if self.patch_size[0] != self.patch_size[1] or size < 2 or size & (size - 1):
+            raise ValueError(f"a convolutional stem needs a square power-of-two patch size, got {self.patch_size}")
+        in_chans, dim = self.proj.in_channels, self.proj.out_channels
+        stages = size.bit_length() - 1
+        layers: list[nn.Module] = []
+        width = in_chans
+        for i in range(stages):
+            out = max(dim >> (stages - 1 - i), 8)
+            layers += [nn.Conv2d(width, out, kernel_size=3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]
+            width = out
+        layers.append(nn.Conv2d(width, dim, kernel_size=1))
+        self.proj = nn.Sequential(*layers)
+
+
+def _vit_convstem(num_classes: int = 0, **kwargs: Any) -> VisionTransformer:
+    if num_classes:
+        raise ValueError(f"{PREFIX}vit_convstem is a feature extractor: num_classes must be 0, got {num_classes}")
+    return VisionTransformer(num_classes=0, embed_layer=ConvStemPatchEmbed, **kwargs)
+
+
+@register_model
+def sslkit_vit_convstem(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """timm's VisionTransformer with :class:`ConvStemPatchEmbed` (any ``patch_size``, ``embed_dim``, ``depth``...)."""
+    return build_model_with_cfg(_vit_convstem, f"{PREFIX}vit_convstem", pretrained, **kwargs)

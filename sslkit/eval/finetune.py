@@ -12,10 +12,18 @@ fixed class-balanced share of the train labels (:func:`sslkit.eval.linear.balanc
 A checkpoint is written atomically after every epoch; ``resume=True`` continues from it with the same result as
 an uninterrupted run on CPU.
 
+The dataset is chosen as for every ``sslkit eval`` verb (:mod:`sslkit.eval.sources`): by default the run's own,
+else ``dataset`` (``--dataset NAME|PATH``: a registered dataset with ``dataset_args`` / ``--dataset-arg
+key=value``, or an image folder with one sub-folder per class, split per class when it has no ``train/`` and
+``test/`` sub-folders) with ``train_split`` / ``eval_split``. Results on another dataset (or other splits) go to
+``RUN/transfer/<dataset>-<hash>/eval/finetune[_random]/``, beside the k-NN and linear results on that dataset,
+and leave the run's own ``RUN/eval/`` alone; ``resume`` finds the checkpoint there.
+
 Example::
 
     res = run_finetune("runs/simclr_resnet_fmnist-latest", epochs=5, label_fraction=0.1)
     res["metrics"]["top1"], res["metrics"]["linear_top1"]
+    run_finetune("runs/simclr_resnet_fmnist-latest", dataset="photos/", epochs=5)  # an image folder
 """
 
 from __future__ import annotations
@@ -228,11 +236,15 @@ def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = D
                  drop_path: float = VIT_DROP_PATH, label_smoothing: float = LABEL_SMOOTHING,
                  warmup_epochs: float = WARMUP_EPOCHS, label_fraction: float | None = None, linear: bool = True,
                  resume: bool = False, train_subset: int | None = None, test_subset: int | None = None,
-                 device: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+                 device: str | None = None, seed: int = 0, progress: bool = True,
+                 dataset: str | Path | None = None, dataset_args: Any = None, train_split: str | None = None,
+                 eval_split: str | None = None) -> dict:
     """Fine-tune a run's encoder (``baseline="random"``: from scratch) and compare with its linear probe.
 
     Writes ``<run>/eval/finetune[_random]/results.json`` (``metrics``: ``top1``, ``top5``, ``linear_top1``,
-    ``linear_top5``), its checkpoint, and a row of ``<run>/eval/report.md``.
+    ``linear_top5``), its checkpoint, and a row of ``<run>/eval/report.md``. ``dataset`` / ``dataset_args`` /
+    ``train_split`` / ``eval_split`` choose the data as for :func:`sslkit.eval.report.load_context` (default the
+    run's own); on other data the same files go to ``<run>/transfer/<dataset>-<hash>/eval/``.
     """
     from sslkit.eval.report import append_report_row, eval_dir, load_context, run_linear, write_results
 
@@ -241,8 +253,15 @@ def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = D
         raise EvalError(f"fine-tuning starts from the run's encoder (none) or a random one (random), got {baseline!r}")
     if label_fraction is not None and not 0 < label_fraction <= 1:
         raise EvalError(f"--label-fraction must be in (0, 1], e.g. 0.01 or 0.1; got {label_fraction}")
+    data_opts = {"dataset": dataset, "dataset_args": dataset_args, "train_split": train_split,
+                 "eval_split": eval_split}
     ctx = load_context(run_dir, baseline=baseline, device=device, train_subset=train_subset, test_subset=test_subset,
-                       seed=seed, progress=progress)
+                       seed=seed, progress=progress, **data_opts)
+    if ctx.feature_source is None or ctx.feature_source.kind != "run":
+        raise EvalError(f"fine-tuning needs a run directory to start from, got {run_dir}; timm:, pixels and random: "
+                        "sources are for the frozen-feature evaluations (knn, linear, retrieval).")
+    src_run = Path(ctx.feature_source.name)  # ctx.run_dir is where results go: the run, or its transfer/ folder
+    data = ctx.data
     train_ds, test_ds = ctx.dataset("train"), ctx.dataset(ctx.eval_split)
     labels = torch.as_tensor(train_ds.labels)
     if (labels < 0).any():
@@ -250,7 +269,7 @@ def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = D
     if label_fraction is not None:
         train_ds = take(train_ds, balanced_subset(labels, label_fraction, seed))
     num_classes = max(len(getattr(train_ds, "classes", None) or []), int(labels.max()) + 1)
-    encoder = _encoder(ctx.run_dir, ctx.cfg, baseline, drop_path, seed)
+    encoder = _encoder(src_run, ctx.cfg, baseline, drop_path, seed)
     is_vit = bool(getattr(encoder, "is_vit", False))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -263,6 +282,8 @@ def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = D
                 "crop_scale": list(CROP_SCALE), "optimizer": "adamw" + (", layer-wise lr decay" if is_vit else ""),
                 "schedule": "linear warmup, cosine", "seed": seed, "train_subset": train_subset,
                 "test_subset": test_subset}
+    if ctx.run_dir != src_run and data is not None:  # other data: part of the settings a resume must match
+        settings["dataset"] = data.describe()
     out = eval_dir(ctx.run_dir, "finetune", baseline)
     res = finetune(model, train_ds, test_ds, image_size=ctx.image_size, epochs=epochs, batch_size=batch_size,
                    base_lr=base, weight_decay=weight_decay, layer_decay=layer_decay if is_vit else None,
@@ -271,13 +292,15 @@ def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = D
                    settings=settings)
     metrics: dict[str, Any] = {"top1": res["top1"], "top5": res["top5"]}
     if linear:
-        lin = run_linear(ctx.run_dir, baseline=baseline, label_fraction=label_fraction, train_subset=train_subset,
-                         test_subset=test_subset, device=device, seed=seed, progress=progress)
+        lin = run_linear(src_run, baseline=baseline, label_fraction=label_fraction, train_subset=train_subset,
+                         test_subset=test_subset, device=device, seed=seed, progress=progress, **data_opts)
         metrics.update(linear_top1=lin["metrics"]["top1"], linear_top5=lin["metrics"]["top5"])
     metrics["history"] = res["history"]
     total = time.perf_counter() - t0
     payload = {"kind": "finetune", "baseline": baseline, "run_dir": str(ctx.run_dir),
                "recipe": str(ctx.cfg.get("name", "")), "created": _dt.datetime.now().isoformat(timespec="seconds"),
+               **({"source_run": str(src_run), "dataset": data.label, "dataset_spec": data.describe()}
+                  if ctx.run_dir != src_run and data is not None else {}),
                "metrics": metrics, "settings": {**settings, "peak_lr": res["peak_lr"], "steps": res["steps"],
                                                 "device": str(ctx.device)},
                "seconds": {"finetune": round(res["seconds"], 3), "total": round(total, 3)}}
@@ -286,14 +309,18 @@ def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = D
     frac = f", {label_fraction:g} of the labels" if label_fraction is not None else ""
     append_report_row(ctx.run_dir / "eval" / "report.md", [
         payload["created"].replace("T", " "), "finetune", baseline if baseline != "none" else "encoder",
-        f"{ctx.cfg.data.name} {len(test_ds)} / {len(train_ds)}",
+        f"{data.label if data is not None else ctx.cfg.data.name} {len(test_ds)} / {len(train_ds)}",
         f"top-1 {metrics['top1']:.2f}{lin_txt} ({epochs} epochs{frac})", f"{total:.1f} s",
         f"[results]({path.relative_to(ctx.run_dir / 'eval')})"])
     return {**payload, "results_path": str(path)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from sslkit.eval.sources import add_dataset_arguments
+
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="run directory, its -latest link, or a file inside it")
+    add_dataset_arguments(p, train_help="split fine-tuned (and linearly probed) on (default: train)",
+                          eval_help="split scored (default: the run's data.eval_split, else test)")
     p.add_argument("--baseline", choices=("none", "random"), default="none",
                    help="start from the run's encoder (none) or a random one of its architecture (supervised from "
                         "scratch)")
@@ -311,7 +338,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-fraction", type=float, default=None, metavar="F",
                    help="fine-tune (and probe) on a fixed class-balanced fraction F of the train labels (0.01, 0.1)")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe beside it")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/eval/finetune*/checkpoints/last.ckpt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from RUN/eval/finetune*/checkpoints/last.ckpt (RUN/transfer/<dataset>-<hash>/eval/"
+                        "finetune*/ with --dataset; give the same dataset options)")
     p.add_argument("--train-subset", type=int, default=None, metavar="N", help="fixed random N train images")
     p.add_argument("--test-subset", type=int, default=None, metavar="N", help="fixed random N test images")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -325,6 +354,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sslkit.data.base import DataError
     from sslkit.eval.cli import format_table
+    from sslkit.eval.sources import dataset_options
     from sslkit.registry import RegistryError, error_line
     from sslkit.run import RunError
 
@@ -335,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
                            warmup_epochs=args.warmup_epochs, label_fraction=args.label_fraction,
                            linear=not args.no_linear, resume=args.resume, train_subset=args.train_subset,
                            test_subset=args.test_subset, device=args.device, seed=args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, **dataset_options(args))
     except (EvalError, DataError, RunError, RegistryError) as e:
         print(f"sslkit: error: {error_line(e)}", file=sys.stderr)
         return 2

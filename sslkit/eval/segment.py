@@ -12,8 +12,10 @@ tokens, or the last feature map of a CNN. Baselines: ``pixels`` gives each patch
 (on the grid of the run's encoder) and ``random`` a randomly initialised encoder of the run's architecture.
 
 Data: ``fmnist_scenes`` (default) or any dataset with ``mask(i)``, for instance ``segmentation_folder`` (a user's
-``images/`` + ``masks/``), or a folder path given as the dataset. Images and masks get the evaluation view's
-geometry (resize the short side, centre-crop; masks by nearest neighbour).
+``images/`` + ``masks/``), or a folder path given as the dataset; ``--dataset-arg key=value`` (repeatable,
+values read as YAML scalars: :func:`sslkit.eval.sources.parse_dataset_args`, as for every ``sslkit eval`` verb)
+passes arguments to it. Images and masks get the evaluation view's geometry (resize the short side, centre-crop;
+masks by nearest neighbour).
 
 Example::
 
@@ -302,7 +304,7 @@ def _num_classes(ds: Any, masks: Sequence[torch.Tensor], ignore_index: int) -> i
 
 
 def run_segment(run_dir: str | Path, *, dataset: str = DEFAULT_DATASET, data_root: str | None = None,
-                data_args: dict[str, Any] | None = None, baseline: str = "none",
+                dataset_args: Any = None, data_args: Any = None, baseline: str = "none",
                 ignore_index: int = DEFAULT_IGNORE_INDEX, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
                 weight_decay: float = DEFAULT_WEIGHT_DECAY, head_batch_size: int = DEFAULT_HEAD_BATCH,
                 train_subset: int | None = DEFAULT_TRAIN_IMAGES, test_subset: int | None = DEFAULT_TEST_IMAGES,
@@ -312,12 +314,15 @@ def run_segment(run_dir: str | Path, *, dataset: str = DEFAULT_DATASET, data_roo
 
     Writes ``<run>/eval/segment[_<baseline>]/results.json``, a row of ``<run>/eval/report.md`` and
     ``examples.png`` (image / ground truth / prediction). ``image_size`` defaults to the dataset's own size for
-    fixed-size datasets (``fmnist_scenes``: 64), else the run's evaluation size.
+    fixed-size datasets (``fmnist_scenes``: 64), else the run's evaluation size. ``dataset_args``: the dataset's
+    arguments, a dict or ``key=value`` strings (``--dataset-arg``); ``data_args`` is its older name.
     """
     from sslkit.eval.report import append_report_row, eval_dir, write_results
+    from sslkit.eval.sources import parse_dataset_args
     from sslkit.run import eval_image_size, load_config, resolve_run_dir
 
     t0 = time.perf_counter()
+    data_args = {**parse_dataset_args(data_args), **parse_dataset_args(dataset_args)}
     if baseline not in BASELINES:
         raise EvalError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
     if not 0 <= ignore_index <= 255:
@@ -423,15 +428,6 @@ def save_examples(images: torch.Tensor, masks: torch.Tensor, preds: torch.Tensor
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _data_arg(text: str) -> tuple[str, Any]:
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (e.g. num_images=2000)")
-    return key, yaml.safe_load(value)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT",
                    help="run directory, its -latest link, or a file inside it (checkpoint, encoder.safetensors)")
@@ -439,8 +435,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a registered dataset with masks (fmnist_scenes, segmentation_folder) or a folder holding "
                         "images/ and masks/ (or train/ and test/ with those)")
     p.add_argument("--data-root", default=None, help="root of a registered dataset (segmentation_folder's folder)")
-    p.add_argument("--data-arg", type=_data_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="dataset argument, repeatable (e.g. --data-arg num_images=3000)")
+    p.add_argument("--dataset-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="an argument of the dataset, repeatable (e.g. --dataset-arg num_images=3000)")
+    # the older spelling, still read (into the same list) but no longer shown
+    p.add_argument("--data-arg", dest="dataset_arg", action="append", help=argparse.SUPPRESS)
     p.add_argument("--ignore-index", type=int, default=DEFAULT_IGNORE_INDEX,
                    help="mask value of unlabelled pixels, left out of training and scoring")
     p.add_argument("--baseline", choices=("none", "pixels", "random", "all"), default="none",
@@ -469,6 +467,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sslkit.data.base import DataError
     from sslkit.eval.cli import flatten_metrics, format_table
+    from sslkit.eval.sources import parse_dataset_args
     from sslkit.registry import RegistryError, error_line
     from sslkit.run import RunError
 
@@ -477,7 +476,8 @@ def run(args: argparse.Namespace) -> int:
     paths = []
     try:
         for b in baselines:
-            res = run_segment(args.run, dataset=args.dataset, data_root=args.data_root, data_args=dict(args.data_arg),
+            res = run_segment(args.run, dataset=args.dataset, data_root=args.data_root,
+                              dataset_args=parse_dataset_args(args.dataset_arg),
                               baseline=b, ignore_index=args.ignore_index, epochs=args.epochs, lr=args.lr,
                               weight_decay=args.weight_decay, head_batch_size=args.head_batch_size,
                               train_subset=args.train_subset, test_subset=args.test_subset,

@@ -243,7 +243,9 @@ def load_timm_source(source: FeatureSource) -> tuple[TimmFeatures, dict[str, Any
     return enc, identity
 
 
-def _identity_hash(identity: dict[str, Any]) -> str:
+def identity_hash(identity: dict[str, Any]) -> str:
+    """The sha256 (hex) of ``identity`` as sorted-key JSON (non-JSON values by ``str``): a stable key for caches
+    and folder names."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -276,7 +278,7 @@ def build_feature_encoder(source: FeatureSource, baseline: str, *, cfg: Any, dat
                 f"{cfg.encoder.name} (random init, seed {seed})")
     if source.kind == "timm" and baseline == "none":
         enc, identity = load_timm_source(source)
-        return enc, _identity_hash(identity), f"timm {source.name} ({source.weights.name})"  # type: ignore[union-attr]
+        return enc, identity_hash(identity), f"timm {source.name} ({source.weights.name})"  # type: ignore[union-attr]
     if source.kind == "timm":  # its random baseline: the same timm model and preprocessing, random weights
         import timm
 
@@ -330,7 +332,7 @@ class DatasetSpec:
 
     def cache_split(self, split: str) -> str:
         """``split`` with the spec's digest: part of the feature-cache key."""
-        digest = _identity_hash(self.describe())[:12]
+        digest = identity_hash(self.describe())[:12]
         return f"{self.real_split(split)}|{digest}"
 
     def real_split(self, split: str) -> str:
@@ -517,7 +519,7 @@ def resolve(source: str | Path, *, dataset: str | Path | None = None, dataset_ar
             if (run_dir / "transfer").is_symlink():
                 raise RunError(f"{run_dir / 'transfer'} is a symbolic link; sslkit writes into a run's own folders "
                                "only. Replace it with a folder.")
-            out = run_dir / "transfer" / f"{spec.slug}-{_identity_hash(spec.describe())[:8]}"
+            out = run_dir / "transfer" / f"{spec.slug}-{identity_hash(spec.describe())[:8]}"
         size = int(image_size or eval_image_size(run_cfg))
         cache = run_dir / "features"
     else:
@@ -550,15 +552,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="timm:<name> only: local .safetensors/.pth state dict, or an `sslkit export --format timm` "
                         "folder (nothing is downloaded)")
-    p.add_argument("--dataset", default=None, metavar="NAME|PATH",
-                   help="dataset to evaluate on: a registered name (`sslkit list datasets`) or an image folder "
-                        "(one sub-folder per class; without train/ and test/ sub-folders a fixed "
-                        f"{round(FOLDER_EVAL_FRACTION * 100)}%% of each class is the eval split). Default: the run's own")
-    p.add_argument("--dataset-arg", action="append", default=None, metavar="KEY=VALUE",
-                   help="an argument of the registered dataset (repeatable), e.g. root=data/cifar num_samples=64")
-    p.add_argument("--train-split", default=None, help="split used as the bank / gallery (default: train)")
-    p.add_argument("--eval-split", default=None,
-                   help="split used as the queries (default: the run's data.eval_split, else test)")
+    add_dataset_arguments(p)
     p.add_argument("--image-size", type=int, default=None,
                    help="evaluation resolution (default: the run's, a timm model's pretrained_cfg input size, or "
                         "the dataset's images for pixels / random:)")
@@ -567,8 +561,29 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
                         "evals/<source>_<dataset>/ for other sources)")
 
 
+def add_dataset_arguments(p: argparse.ArgumentParser, *,
+                          train_help: str = "split used as the bank / gallery (default: train)",
+                          eval_help: str = "split used as the queries (default: the run's data.eval_split, else "
+                                           "test)") -> None:
+    """``--dataset``, ``--dataset-arg``, ``--train-split`` and ``--eval-split``: the dataset to evaluate on, for
+    verbs that take a run (``finetune``) as for those that take any SOURCE (:func:`add_source_arguments`)."""
+    p.add_argument("--dataset", default=None, metavar="NAME|PATH",
+                   help="dataset to evaluate on: a registered name (`sslkit list datasets`) or an image folder "
+                        "(one sub-folder per class; without train/ and test/ sub-folders a fixed "
+                        f"{round(FOLDER_EVAL_FRACTION * 100)}%% of each class is the eval split). Default: the run's own")
+    p.add_argument("--dataset-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="an argument of the registered dataset (repeatable), e.g. root=data/cifar num_samples=64")
+    p.add_argument("--train-split", default=None, help=train_help)
+    p.add_argument("--eval-split", default=None, help=eval_help)
+
+
+def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The dataset keyword arguments of :func:`resolve` (``dataset``, ``dataset_args``, ``train_split``,
+    ``eval_split``) from arguments parsed with :func:`add_dataset_arguments`."""
+    return {"dataset": args.dataset, "dataset_args": args.dataset_arg, "train_split": args.train_split,
+            "eval_split": args.eval_split}
+
+
 def source_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :func:`resolve` (and ``load_context`` / ``run_*``) from parsed arguments."""
-    return {"weights": args.weights, "dataset": args.dataset, "dataset_args": args.dataset_arg,
-            "train_split": args.train_split, "eval_split": args.eval_split, "image_size": args.image_size,
-            "out_dir": args.out}
+    return {"weights": args.weights, **dataset_options(args), "image_size": args.image_size, "out_dir": args.out}

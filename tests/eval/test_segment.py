@@ -162,3 +162,27 @@ def test_bad_inputs_are_clear_errors(run_and_folder, tmp_path, capsys):
     Image.new("RGB", (24, 24)).save(tmp_path / "f" / "masks" / "im1.png")
     with pytest.raises(DataError, match="single-channel"):
         segmentation_folder(root=str(tmp_path / "f")).mask(1)
+
+
+def test_dataset_arg_passes_dataset_arguments(run_and_folder, capsys):
+    """``--dataset-arg KEY=VALUE`` as in every ``sslkit eval`` verb; the older ``--data-arg`` still works, unlisted."""
+    from sslkit.cli import main
+
+    run, folder = run_and_folder
+    common = ["eval", "segment", str(run), "--dataset", "segmentation_folder", "--epochs", "1", "--no-progress",
+              "--no-plots", "--head-batch-size", "4", "--train-subset", "6", "--test-subset", "3"]
+    assert main([*common, "--dataset-arg", f"root={folder}", "--dataset-arg", "ignore_index=200"]) == 0
+    capsys.readouterr()
+    new = json.loads((run / "eval" / "segment" / "results.json").read_text())
+    assert new["settings"]["data_args"] == {"root": str(folder), "ignore_index": 200}  # 200 read as a number
+    assert new["settings"]["train_images"] == 6 and new["settings"]["test_images"] == 3
+    assert main([*common, "--data-arg", f"root={folder}", "--dataset-arg", "ignore_index=200"]) == 0
+    capsys.readouterr()
+    old = json.loads((run / "eval" / "segment" / "results.json").read_text())
+    assert old["settings"]["data_args"] == new["settings"]["data_args"] and old["metrics"] == new["metrics"]
+    assert main([*common, "--dataset-arg", "root"]) == 2
+    assert "key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "segment", "--help"])
+    usage = capsys.readouterr().out
+    assert "--dataset-arg" in usage and "--data-arg" not in usage
