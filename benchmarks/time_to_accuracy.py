@@ -71,9 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:  # family and model tell apart CPUs sold under one generic name ("AMD EPYC")
+            known = "cpu family" in fields and "model" in fields
+            return fields["model name"] + (f" (family {fields['cpu family']}, model {fields['model']})"
+                                           if known else "")
     except OSError:
         pass
     return platform.processor() or "unknown"
