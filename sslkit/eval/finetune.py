@@ -56,7 +56,7 @@ MIN_LR = 1e-6
 DEFAULT_EPOCHS = 10  # CPU-sized; MAE fine-tunes ViT-B for 100 epochs
 DEFAULT_BATCH_SIZE = 128
 LR_REFERENCE_BATCH = 256
-CROP_SCALE = (0.08, 1.0)
+CROP_SCALE = (0.08, 1.0)  # ImageNet's; a run's own pretraining crop range is the default when it has one
 HEAD_INIT_STD = 2e-5  # MAE initialises the fine-tuning head near zero
 CHECKPOINT_NAME = "last.ckpt"
 
@@ -230,6 +230,25 @@ def _encoder(run_dir: Path, cfg: Any, baseline: str, drop_path: float, seed: int
     return with_dp
 
 
+def run_crop_scale(cfg: Any) -> tuple[float, float]:
+    """The crop range a run was pretrained with (``augment.crop_scale``, or multi-crop's ``global_scale``), else
+    :data:`CROP_SCALE`: crops much smaller than the pretraining ones are images the encoder never saw, and at
+    Fashion-MNIST's 28 px an 8% crop keeps about 8 x 8 pixels of a garment."""
+    aug = cfg.get("augment") or {}
+    for key in ("crop_scale", "global_scale"):
+        value = aug.get(key)
+        if value is not None:
+            return float(value[0]), float(value[1])
+    return CROP_SCALE
+
+
+def check_crop_scale(scale: Sequence[float]) -> tuple[float, float]:
+    if len(scale) != 2 or not 0 < float(scale[0]) <= float(scale[1]) <= 1:
+        raise EvalError(f"--crop-scale must be two numbers MIN MAX with 0 < MIN <= MAX <= 1, got {list(scale)}; "
+                        "e.g. --crop-scale 0.08 1 (ImageNet) or 0.5 1")
+    return float(scale[0]), float(scale[1])
+
+
 def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = DEFAULT_EPOCHS,
                  batch_size: int = DEFAULT_BATCH_SIZE, base_lr: float | None = None,
                  weight_decay: float = WEIGHT_DECAY, layer_decay: float | None = VIT_LAYER_DECAY,
@@ -238,8 +257,11 @@ def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = D
                  resume: bool = False, train_subset: int | None = None, test_subset: int | None = None,
                  device: str | None = None, seed: int = 0, progress: bool = True,
                  dataset: str | Path | None = None, dataset_args: Any = None, train_split: str | None = None,
-                 eval_split: str | None = None) -> dict:
+                 eval_split: str | None = None, crop_scale: Sequence[float] | None = None) -> dict:
     """Fine-tune a run's encoder (``baseline="random"``: from scratch) and compare with its linear probe.
+
+    ``crop_scale``: the (min, max) area of the random resized crops; default the run's pretraining range
+    (:func:`run_crop_scale`), else ImageNet's (0.08, 1).
 
     Writes ``<run>/eval/finetune[_random]/results.json`` (``metrics``: ``top1``, ``top5``, ``linear_top1``,
     ``linear_top5``), its checkpoint, and a row of ``<run>/eval/report.md``. ``dataset`` / ``dataset_args`` /
@@ -275,11 +297,12 @@ def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = D
         torch.manual_seed(seed)
         model = Classifier(encoder, num_classes)
     base = base_lr if base_lr is not None else (VIT_BASE_LR if is_vit else CNN_BASE_LR)
+    scale = check_crop_scale(crop_scale if crop_scale is not None else run_crop_scale(ctx.cfg))
     settings = {"epochs": epochs, "batch_size": batch_size, "base_lr": base, "weight_decay": weight_decay,
                 "layer_decay": layer_decay if is_vit else None, "drop_path": drop_path if is_vit else 0.0,
                 "label_smoothing": label_smoothing, "warmup_epochs": warmup_epochs, "label_fraction": label_fraction,
                 "train_images": len(train_ds), "test_images": len(test_ds), "image_size": ctx.image_size,
-                "crop_scale": list(CROP_SCALE), "optimizer": "adamw" + (", layer-wise lr decay" if is_vit else ""),
+                "crop_scale": list(scale), "optimizer": "adamw" + (", layer-wise lr decay" if is_vit else ""),
                 "schedule": "linear warmup, cosine", "seed": seed, "train_subset": train_subset,
                 "test_subset": test_subset}
     if ctx.run_dir != src_run and data is not None:  # other data: part of the settings a resume must match
@@ -287,8 +310,8 @@ def run_finetune(run_dir: str | Path, *, baseline: str = "none", epochs: int = D
     out = eval_dir(ctx.run_dir, "finetune", baseline)
     res = finetune(model, train_ds, test_ds, image_size=ctx.image_size, epochs=epochs, batch_size=batch_size,
                    base_lr=base, weight_decay=weight_decay, layer_decay=layer_decay if is_vit else None,
-                   label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, device=ctx.device, seed=seed,
-                   progress=progress, checkpoint=out / "checkpoints" / CHECKPOINT_NAME, resume=resume,
+                   label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, crop_scale=scale, device=ctx.device,
+                   seed=seed, progress=progress, checkpoint=out / "checkpoints" / CHECKPOINT_NAME, resume=resume,
                    settings=settings)
     metrics: dict[str, Any] = {"top1": res["top1"], "top5": res["top5"]}
     if linear:
@@ -337,6 +360,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float, default=WARMUP_EPOCHS, help="linear lr warmup (MAE: 5 of 100)")
     p.add_argument("--label-fraction", type=float, default=None, metavar="F",
                    help="fine-tune (and probe) on a fixed class-balanced fraction F of the train labels (0.01, 0.1)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="area range of the random resized crops (default: the run's pretraining crops, e.g. 0.5 1 "
+                        "for the DINO CPU recipes, else ImageNet's 0.08 1)")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe beside it")
     p.add_argument("--resume", action="store_true",
                    help="continue from RUN/eval/finetune*/checkpoints/last.ckpt (RUN/transfer/<dataset>-<hash>/eval/"
@@ -365,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
                            warmup_epochs=args.warmup_epochs, label_fraction=args.label_fraction,
                            linear=not args.no_linear, resume=args.resume, train_subset=args.train_subset,
                            test_subset=args.test_subset, device=args.device, seed=args.seed,
-                           progress=not args.no_progress, **dataset_options(args))
+                           progress=not args.no_progress, crop_scale=args.crop_scale, **dataset_options(args))
     except (EvalError, DataError, RunError, RegistryError) as e:
         print(f"sslkit: error: {error_line(e)}", file=sys.stderr)
         return 2

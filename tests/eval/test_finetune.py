@@ -139,3 +139,24 @@ def test_cli_reports_finetune_next_to_the_linear_probe(tmp_path, capsys):
     assert (run / "eval" / "finetune" / "checkpoints" / "last.ckpt").is_file()
     assert main(["eval", "finetune", str(run), "--label-fraction", "2", "--no-progress"]) == 2
     assert "label-fraction" in capsys.readouterr().err
+
+
+def test_crop_scale_defaults_to_the_runs_pretraining_crops(tmp_path, capsys):
+    from sslkit.cli import main
+    from sslkit.eval.finetune import CROP_SCALE, run_crop_scale
+
+    assert run_crop_scale(OmegaConf.create({"augment": {"name": "simclr", "crop_scale": [0.3, 1.0]}})) == (0.3, 1.0)
+    assert run_crop_scale(OmegaConf.create({"augment": {"name": "multicrop", "global_scale": [0.5, 0.9]}})) == (0.5, 0.9)
+    assert run_crop_scale(OmegaConf.create({"augment": {"name": "none"}})) == CROP_SCALE
+    run = tiny_cnn_run(tmp_path, num_samples=40, image_size=16)
+    recipe_scale = list(run_crop_scale(OmegaConf.load(run / "config.yaml")))
+    args = ["eval", "finetune", str(run), "--epochs", "1", "--batch-size", "16", "--no-linear", "--no-progress"]
+    assert main(args) == 0
+    res = json.loads((run / "eval" / "finetune" / "results.json").read_text())
+    assert res["settings"]["crop_scale"] == recipe_scale
+    assert main([*args, "--crop-scale", "0.6", "0.9"]) == 0
+    res = json.loads((run / "eval" / "finetune" / "results.json").read_text())
+    assert res["settings"]["crop_scale"] == [0.6, 0.9]
+    capsys.readouterr()
+    assert main([*args, "--crop-scale", "0.9", "0.2"]) == 2
+    assert "--crop-scale" in capsys.readouterr().err
