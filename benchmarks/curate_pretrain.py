@@ -79,9 +79,6 @@ def main(argv: list[str] | None = None) -> int:
                         "the hardest to tell apart)")
     p.add_argument("--mode", default="sample")
     p.add_argument("--per-seed", type=int, default=8)
-    p.add_argument("--no-verify", action="store_true",
-                   help="dedup the pool on descriptor similarity alone (`curate retrieve --no-verify`): much faster "
-                        "on large pools, at the cost of more false duplicate pairs")
     p.add_argument("--bank", type=int, default=None, help="k-NN bank size (seed classes, train split; default all)")
     p.add_argument("--queries", type=int, default=None, help="k-NN queries (seed classes, test split; default all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curate_pretrain"))
@@ -93,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         info = prepare_retrieval(work, args.pool_size, classes=classes)
         subprocess.run([sys.executable, "-m", "sslkit.cli", "curate", "retrieve", "--seed", str(work / "retrieve/seed"),
                         "--pool", str(work / "retrieve/pool"), "--mode", args.mode, "--per-seed", str(args.per_seed),
-                        "--out", str(work / "curated"), *(["--no-verify"] if args.no_verify else [])],
-                       check=True, cwd=ROOT)
+                        "--out", str(work / "curated")], check=True, cwd=ROOT)
         curated = [x for x in (work / "curated" / "curated.txt").read_text().split("\n") if x]
         pool = sorted(str(f) for f in (work / "retrieve" / "pool").rglob("*.png"))
         rng = np.random.default_rng(0)
@@ -104,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             return float(np.isin([pool_class(x) for x in paths], classes).mean())
 
         result = {"cpu": cpu_model(), "command": "python " + " ".join(sys.argv), "seed_classes": list(classes),
-                  "mode": args.mode, "verify": not args.no_verify, "subset_size": len(curated), "minutes": None if args.steps else args.minutes,
+                  "mode": args.mode, "subset_size": len(curated), "minutes": None if args.steps else args.minutes,
                   "steps": args.steps, "pool_base_rate": info["base_rate"],
                   "curated_precision": precision(curated), "random_precision": precision(random)}
         for name, lst in (("curated", work / "curated" / "curated.txt"), ("random", work / "random.txt")):
