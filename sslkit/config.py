@@ -129,7 +129,7 @@ class EvalConfig:
     image_size: int | None = None  # evaluation resolution; None = augment.image_size
     batch_size: int = 512
     # Encoder arguments that differ for evaluation only and leave the weights as they are: e.g. resnet_cifar's
-    # pool_grid (how the last map is pooled into the feature) or a ViT's pool (token | avg). Training, the
+    # pool_grid (how the last map is pooled into the feature) or a ViT's pool (token | avg | grid). Training, the
     # heads and encoder.safetensors use the encoder section; every evaluation (the final and monitor k-NN,
     # `sslkit eval`, the random-encoder baseline) builds the encoder with these on top.
     encoder_args: dict[str, Any] = field(default_factory=dict)
@@ -216,7 +216,7 @@ def _validate_section(cfg: DictConfig, section: str) -> None:
     cfg[section] = plain
 
 
-def _validate_eval_encoder_args(cfg: DictConfig) -> None:
+def validate_eval_encoder_args(cfg: DictConfig) -> None:
     """``eval.encoder_args`` must be arguments of the recipe's encoder, with their types."""
     args = OmegaConf.to_container(cfg.eval.encoder_args, resolve=True) or {}
     if not args:
@@ -263,7 +263,7 @@ def resolve(raw: dict[str, Any], overrides: list[str] | None = None) -> DictConf
         raise _error(e, "", sch if dataclasses.is_dataclass(sch) else None) from None
     for sec in ("augment", "encoder", "objective"):
         _validate_section(cfg, sec)
-    _validate_eval_encoder_args(cfg)
+    validate_eval_encoder_args(cfg)
     _cross_checks(cfg)
     return cfg
 

@@ -215,12 +215,18 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
     module.load_state_dict(state, strict=True)
 
 
-def load_encoder(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, DictConfig]:
-    """Rebuild a run's eval encoder from ``config.yaml`` + ``encoder.safetensors`` (in eval mode)."""
+def load_encoder(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
+                 encoder_args: dict[str, Any] | None = None) -> tuple[torch.nn.Module, DictConfig]:
+    """Rebuild a run's eval encoder from ``config.yaml`` + ``encoder.safetensors`` (in eval mode).
+
+    ``encoder_args``: the evaluation's encoder arguments in place of the recipe's ``eval.encoder_args`` (checked by
+    the caller, e.g. ``sslkit eval --encoder-arg``)."""
     from safetensors.torch import load_file
 
     d = resolve_run_dir(run_dir)
     cfg = read_config(d / "config.yaml")
+    if encoder_args is not None:
+        cfg.eval.encoder_args = dict(encoder_args)
     weights = d / "encoder.safetensors"
     if not weights.is_file():
         raise RunError(f"{d} has no encoder.safetensors: the run has not finished. Resume it with "

@@ -134,6 +134,33 @@ def test_unknown_timm_model_is_named():
         ENCODERS.build("timm:resnet_nope")
 
 
+@pytest.mark.parametrize(("grid", "size"), [(2, 20), (5, 20), (3, 28)])
+def test_vit_grid_pool_flattens_the_pooled_patch_grid(grid, size):
+    """pool "grid": the patch tokens laid out on their h x w grid, average-pooled to g x g with PyTorch's bin
+    edges and flattened channel-major, as resnet_cifar's pool_grid (dim = D * g * g); no timm model gives it."""
+    torch.manual_seed(0)
+    enc = ENCODERS.build("vit_tiny_patch4_32", depth=1, pool="grid", pool_grid=grid).eval()
+    assert enc.dim == 192 * grid * grid and enc.timm_config is None
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        patches = enc.forward_tokens(x).patches  # (B, h * w, D), row-major
+        h = size // 4
+        fmap = patches.reshape(2, h, h, 192)
+        cells = [fmap[:, (i * h) // grid:-(-((i + 1) * h) // grid), (j * h) // grid:-(-((j + 1) * h) // grid)]
+                 .mean(dim=(1, 2)) for i in range(grid) for j in range(grid)]  # each (B, D)
+        want = torch.stack(cells, dim=-1).flatten(1)  # (B, D * g * g): channel-major
+        torch.testing.assert_close(enc(x), want, atol=1e-5, rtol=1e-5)
+        if grid == h:  # the whole grid: every patch token, in place
+            torch.testing.assert_close(enc(x), patches.transpose(1, 2).flatten(1))
+
+
+@pytest.mark.parametrize("bad", [{"pool": "max"}, {"pool": "grid", "pool_grid": 0},
+                                 {"pool": "grid", "pool_grid": 1.5}])
+def test_vit_rejects_unknown_pooling(bad):
+    with pytest.raises(ValueError, match="pool"):
+        ENCODERS.build("vit_tiny_patch4_32", depth=1, **bad)
+
+
 @pytest.mark.parametrize("name", ["vit_tiny_patch4_32", "vit_small_patch16_224"])
 def test_vit_avg_pool_uses_normalised_tokens(name):
     enc = ENCODERS.build(name, pool="avg").eval()

@@ -7,7 +7,9 @@
   ``reg_tokens`` option, 0 by default) and the patch tokens, after the final norm. ``keep`` (B, K) runs only the
   listed patches through the blocks (MAE); ``mask`` (B, L) bool replaces the masked patches' embeddings with a
   learned mask token before the position embedding (iBOT, DINOv2). ``patch_size`` and :meth:`Encoder.patch_grid`
-  give the grid.
+  give the grid. Their pooled feature (``pool``) is the class token ("token"), the mean patch token ("avg") or the
+  patch grid average-pooled to ``pool_grid`` x ``pool_grid`` and flattened ("grid"), which keeps where things are,
+  as ``resnet_cifar``'s ``pool_grid`` does for a CNN.
 - CNNs: the last feature map as a grid of ``feature_stride``-pixel patches (``patches`` (B, h*w, C), ``cls`` their
   mean, no registers), so dense tools work on them too; ``patch_size`` is None.
 
@@ -19,13 +21,18 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sslkit.encoders import timm_models  # noqa: F401  (registers sslkit_* architectures with timm)
 from sslkit.registry import ENCODERS, check_layers
+
+VIT_POOLS = ("token", "avg", "grid")
+DEFAULT_POOL_GRID = 2  # side of the pooled patch grid of pool "grid"
 
 
 class Tokens(NamedTuple):
@@ -51,16 +58,17 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, model: nn.Module, name: str, pool: str = "token",
-                 timm_config: tuple[str, dict] | None = None) -> None:
+                 timm_config: tuple[str, dict] | None = None, pool_grid: int = DEFAULT_POOL_GRID) -> None:
         super().__init__()
         self.model = model
         self.name = name
-        self.timm_config = timm_config
         self.is_vit = isinstance(model, VisionTransformer)
-        if pool not in ("token", "avg"):
-            raise ValueError(f"encoder pool must be 'token' or 'avg', got {pool!r}")
+        check_pool(pool, pool_grid)
         self.pool = pool
-        self.dim: int = int(model.num_features)
+        self.pool_grid = int(pool_grid)
+        self.dim: int = int(model.num_features) * (self.pool_grid ** 2 if pool == "grid" else 1)
+        # timm has no grid pooling: its model of these weights would hand out other features
+        self.timm_config = timm_config if pool != "grid" else None
         self.patch_size: int | None = None
         self.num_registers = 0
         if self.is_vit:
@@ -85,11 +93,22 @@ class Encoder(nn.Module):
         """(B, 3, H, W) -> (B, dim)."""
         if not self.is_vit:
             return self.model(x)
-        return self.pool_tokens(self.forward_tokens(x))
+        return self.pool_tokens(self.forward_tokens(x), self.patch_grid(x.shape[-2], x.shape[-1]))
 
-    def pool_tokens(self, tokens: Tokens) -> torch.Tensor:
-        """The pooled feature (B, dim) of a ViT's tokens: the class token, or the mean patch token (``pool``)."""
-        return tokens.cls if self.pool == "token" else tokens.patches.mean(dim=1)
+    def pool_tokens(self, tokens: Tokens, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """The pooled feature (B, dim) of a ViT's tokens (``pool``): the class token, the mean patch token, or the
+        patch grid average-pooled to ``pool_grid`` x ``pool_grid`` and flattened (channel-major, as a CNN's
+        pooled map). ``grid``: the patches' (h, w), needed for "grid" (default: a square grid)."""
+        if self.pool == "token":
+            return tokens.cls
+        if self.pool == "avg":
+            return tokens.patches.mean(dim=1)
+        b, n, d = tokens.patches.shape
+        h, w = grid if grid is not None else (math.isqrt(n), math.isqrt(n))
+        if h * w != n:
+            raise ValueError(f"pool 'grid' needs the patch grid: {n} patch tokens are not a {h}x{w} grid")
+        fmap = tokens.patches.transpose(1, 2).reshape(b, d, h, w)
+        return F.adaptive_avg_pool2d(fmap, self.pool_grid).flatten(1)
 
     def forward_tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None) -> Tokens:
@@ -254,7 +273,17 @@ def resnet50(zero_init_residual: bool = True) -> Encoder:
                    timm_config=_timm_config("resnet50"))
 
 
-def _vit(name: str, pool: str, **kw) -> Encoder:
+def check_pool(pool: str, pool_grid: int) -> None:
+    """A ViT's ``pool`` and ``pool_grid`` must name a pooling sslkit has."""
+    if pool not in VIT_POOLS:
+        raise ValueError(f"encoder pool must be one of {', '.join(VIT_POOLS)}, got {pool!r}")
+    if isinstance(pool_grid, bool) or not isinstance(pool_grid, int | np.integer) or pool_grid < 1:
+        raise ValueError(f"encoder pool_grid must be a positive integer (the side of the pooled patch grid), "
+                         f"got {pool_grid!r}")
+
+
+def _vit(name: str, pool: str, pool_grid: int = DEFAULT_POOL_GRID, **kw) -> Encoder:
+    check_pool(pool, pool_grid)
     if kw.get("reg_tokens") == 0:
         kw.pop("reg_tokens")
     kw.setdefault("dynamic_img_size", True)  # interpolate position embeddings for multi-crop sizes
@@ -262,16 +291,18 @@ def _vit(name: str, pool: str, **kw) -> Encoder:
     # The final LayerNorm applies to every token (not timm's post-pool `fc_norm`), so forward_tokens, the
     # pooled features and MAE's decoder all see normalised tokens, whichever pooling the recipe picks.
     kw.setdefault("fc_norm", False)
-    return Encoder(_timm(name, **kw), name, pool=pool, timm_config=_timm_config(name, **kw))
+    return Encoder(_timm(name, **kw), name, pool=pool, timm_config=_timm_config(name, **kw), pool_grid=pool_grid)
 
 
 @ENCODERS.register("vit_tiny_patch4_32", help="ViT-Tiny (192-d, 12 blocks, 3 heads) with 4-px patches, for 32 px")
 def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192, num_heads: int = 3,
                        mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, pool: str = "token",
-                       reg_tokens: int = 0, conv_stem: bool = False) -> Encoder:
+                       reg_tokens: int = 0, conv_stem: bool = False, pool_grid: int = DEFAULT_POOL_GRID) -> Encoder:
     """ViT-Tiny for small images: 4x4 patches (64 tokens at 32 px, 49 at 28 px); ``reg_tokens`` register tokens;
     ``conv_stem`` embeds the patches with two 3x3 stride-2 convolutions instead of one 4x4 one
-    (:class:`sslkit.encoders.timm_models.ConvStemPatchEmbed`)."""
+    (:class:`sslkit.encoders.timm_models.ConvStemPatchEmbed`); ``pool`` "token", "avg" or "grid" (the patch
+    tokens pooled to ``pool_grid`` x ``pool_grid`` and flattened: see :meth:`Encoder.pool_tokens`)."""
+    check_pool(pool, pool_grid)
     if reg_tokens < 0:
         raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
     check_layers("encoder.depth", depth)
@@ -285,19 +316,21 @@ def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192
         model = VisionTransformer(num_classes=0, drop_path_rate=drop_path_rate, **kw)
         # timm's ViT-Tiny entry point with these arguments builds the same network (exports load with it)
         config = _timm_config("vit_tiny_patch16_224", **kw)
-    return Encoder(model, "vit_tiny_patch4_32", pool=pool, timm_config=config)
+    return Encoder(model, "vit_tiny_patch4_32", pool=pool, timm_config=config, pool_grid=pool_grid)
 
 
 @ENCODERS.register("vit_small_patch16_224", help="ViT-S/16 (384-d), the DINO paper's main model")
 def vit_small_patch16_224(img_size: int = 224, drop_path_rate: float = 0.1, pool: str = "token",
-                          reg_tokens: int = 0) -> Encoder:
-    return _vit("vit_small_patch16_224", pool, img_size=img_size, drop_path_rate=drop_path_rate, reg_tokens=reg_tokens)
+                          reg_tokens: int = 0, pool_grid: int = DEFAULT_POOL_GRID) -> Encoder:
+    return _vit("vit_small_patch16_224", pool, pool_grid, img_size=img_size, drop_path_rate=drop_path_rate,
+                reg_tokens=reg_tokens)
 
 
 @ENCODERS.register("vit_base_patch16_224", help="ViT-B/16 (768-d), the MAE paper's base model")
 def vit_base_patch16_224(img_size: int = 224, drop_path_rate: float = 0.0, pool: str = "token",
-                         reg_tokens: int = 0) -> Encoder:
-    return _vit("vit_base_patch16_224", pool, img_size=img_size, drop_path_rate=drop_path_rate, reg_tokens=reg_tokens)
+                         reg_tokens: int = 0, pool_grid: int = DEFAULT_POOL_GRID) -> Encoder:
+    return _vit("vit_base_patch16_224", pool, pool_grid, img_size=img_size, drop_path_rate=drop_path_rate,
+                reg_tokens=reg_tokens)
 
 
 def _any_timm(name: str, **kw) -> Encoder:
@@ -305,9 +338,10 @@ def _any_timm(name: str, **kw) -> Encoder:
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise ValueError(f"timm has no model {name!r}. Similar: {close}. See timm.list_models().")
     pool = kw.pop("pool", "token")
+    pool_grid = kw.pop("pool_grid", DEFAULT_POOL_GRID)
     model = _timm(name, **kw)
     if isinstance(model, VisionTransformer):
-        return _vit(name, pool, **kw)
+        return _vit(name, pool, pool_grid, **kw)
     return Encoder(model, f"timm:{name}", timm_config=_timm_config(name, **kw))
 
 

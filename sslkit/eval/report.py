@@ -156,14 +156,14 @@ class EvalContext:
     def _ensure_encoder(self, ds: Dataset) -> None:
         if self.encoder is not None:
             return
-        from sslkit.run import build_encoder, encoder_kwargs, load_encoder
+        from sslkit.run import build_encoder, encoder_kwargs, eval_encoder_args, load_encoder
 
         if self.feature_source is not None:
             self.encoder, self.enc_hash, self.source = build_feature_encoder(
                 self.feature_source, self.baseline, cfg=self.cfg, dataset=ds, image_size=self.feature_image_size,
                 seed=self.seed)
         elif self.baseline == "none":
-            self.encoder, _ = load_encoder(self.run_dir)
+            self.encoder, _ = load_encoder(self.run_dir, encoder_args=eval_encoder_args(self.cfg))
             self.enc_hash = _keyed_hash(self.encoder, encoder_kwargs(self.cfg, for_eval=True))
             self.source = f"{self.cfg.encoder.name} (pretrained, {self.run_dir.name})"
         elif self.baseline == "random":
@@ -201,7 +201,7 @@ def load_context(run_dir: str | Path, *, baseline: str = "none", device: str | t
                  seed: int = DEFAULT_SEED, bf16: bool | None = None, dataset: str | Path | None = None,
                  dataset_args: Any = None, weights: str | Path | None = None, train_split: str | None = None,
                  eval_split: str | None = None, image_size: int | None = None,
-                 out_dir: str | Path | None = None) -> EvalContext:
+                 out_dir: str | Path | None = None, encoder_args: Any = None) -> EvalContext:
     """Resolve the source, the dataset and the evaluation settings (the encoder is loaded on first use).
 
     Args:
@@ -214,6 +214,8 @@ def load_context(run_dir: str | Path, *, baseline: str = "none", device: str | t
         train_split, eval_split: the bank / gallery split and the query split.
         image_size: evaluation resolution (default: the run's, the timm model's, or the dataset's).
         out_dir: where ``eval/`` goes (default: the run, ``RUN/transfer/<dataset>/``, or ``evals/...``).
+        encoder_args: a run only: encoder arguments on top of its ``eval.encoder_args`` (``key=value`` strings or
+            a dict), e.g. ``pool=token``; results then go to ``RUN/transfer/<dataset>-<args>-<hash>/``.
         device: where features are extracted (default: CUDA when available).
         batch_size: extraction batch (default: the recipe's ``eval.batch_size``).
         train_subset, test_subset: fixed random subsets of the train and eval splits.
@@ -227,7 +229,8 @@ def load_context(run_dir: str | Path, *, baseline: str = "none", device: str | t
         if n is not None and n <= 0:
             raise EvalError(f"{name} must be positive, got {n}")
     res = sources.resolve(run_dir, dataset=dataset, dataset_args=dataset_args, weights=weights,
-                         train_split=train_split, eval_split=eval_split, image_size=image_size, out_dir=out_dir)
+                         train_split=train_split, eval_split=eval_split, image_size=image_size, out_dir=out_dir,
+                         encoder_args=encoder_args)
     if res.source.kind == "pixels":  # the raw-pixel source is the pixel baseline on the chosen dataset
         if baseline == "random":
             raise EvalError("pixels has no architecture to initialise randomly; use random:<encoder> as the source.")

@@ -258,7 +258,7 @@ def build_feature_encoder(source: FeatureSource, baseline: str, *, cfg: Any, dat
     """
     from sslkit.eval.report import PIXEL_FEATURES_VERSION, PixelEncoder, _is_grayscale, _keyed_hash
     from sslkit.registry import ENCODERS
-    from sslkit.run import build_encoder, encoder_kwargs, load_encoder
+    from sslkit.run import build_encoder, encoder_kwargs, eval_encoder_args, load_encoder
 
     if baseline == "pixels" or source.kind == "pixels":
         if source.kind == "pixels" and baseline == "random":
@@ -268,7 +268,7 @@ def build_feature_encoder(source: FeatureSource, baseline: str, *, cfg: Any, dat
                 f"raw pixels ({channels}x{image_size}x{image_size}, mean-subtracted, L2-normalised)")
     if source.kind == "run":
         if baseline == "none":
-            enc, _ = load_encoder(source.name)
+            enc, _ = load_encoder(source.name, encoder_args=eval_encoder_args(cfg))
             return (enc, _keyed_hash(enc, encoder_kwargs(cfg, for_eval=True)),
                     f"{cfg.encoder.name} (pretrained, {Path(source.name).resolve().name})")
         with torch.random.fork_rng(devices=[]):
@@ -491,9 +491,36 @@ class Resolved:
     image_size: int | None  # None = the dataset's own (decided once the dataset is built)
 
 
+def parse_encoder_args(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``["pool=token", "pool_grid=3"]`` (values read as YAML scalars) or a dict -> dict."""
+    try:
+        return parse_dataset_args(items)
+    except DataError as e:
+        raise DataError(str(e).replace("--dataset-arg", "--encoder-arg").replace("num_samples=64", "pool=token")) \
+            from None
+
+
+def with_encoder_args(run_cfg: Any, encoder_args: dict[str, Any]) -> Any:
+    """A copy of a run's recipe whose ``eval.encoder_args`` has ``encoder_args`` on top, checked against the
+    encoder's signature (a :class:`ConfigError` names a wrong key or type)."""
+    from omegaconf import OmegaConf
+
+    from sslkit.config import ConfigError, validate_eval_encoder_args
+
+    cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=False))
+    current = OmegaConf.to_container(cfg.eval.encoder_args, resolve=True) if cfg.eval.get("encoder_args") else {}
+    cfg.eval.encoder_args = {**current, **encoder_args}
+    try:
+        validate_eval_encoder_args(cfg)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("recipe key 'eval.encoder_args.", "--encoder-arg '")) from None
+    return cfg
+
+
 def resolve(source: str | Path, *, dataset: str | Path | None = None, dataset_args: Any = None,
             weights: str | Path | None = None, train_split: str | None = None, eval_split: str | None = None,
-            image_size: int | None = None, out_dir: str | Path | None = None) -> Resolved:
+            image_size: int | None = None, out_dir: str | Path | None = None,
+            encoder_args: Any = None) -> Resolved:
     """Parse and check a source and a dataset; see the module notes for the defaults."""
     from omegaconf import OmegaConf
 
@@ -502,24 +529,30 @@ def resolve(source: str | Path, *, dataset: str | Path | None = None, dataset_ar
     src = parse_source(source, weights)
     if image_size is not None and int(image_size) < 8:
         raise DataError(f"--image-size must be at least 8 px, got {image_size}")
+    enc_args = parse_encoder_args(encoder_args)
+    if enc_args and src.kind != "run":
+        raise DataError(f"--encoder-arg changes how a run's encoder pools its features; {source} is not a run. "
+                        "Leave it out, or pass a run directory.")
     if src.kind == "run":
         run_dir = resolve_run_dir(src.name)
         src = FeatureSource("run", str(run_dir))
         run_cfg = load_config(run_dir)
         spec = dataset_spec(dataset, dataset_args, cfg=run_cfg, train_split=train_split, eval_split=eval_split)
-        cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=False))
+        cfg = with_encoder_args(run_cfg, enc_args) if enc_args else \
+            OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=False))
         cfg.data = {**OmegaConf.to_container(run_cfg.data), "name": spec.name, "root": spec.root,
                     "args": spec.args, "eval_split": spec.eval_split}
         own_splits = spec.train_split == "train" and spec.eval_split == str(run_cfg.data.get("eval_split") or "test")
         if out_dir is not None:
             out = Path(out_dir).expanduser()
-        elif spec.own and own_splits:
+        elif spec.own and own_splits and not enc_args:
             out = run_dir
-        else:
+        else:  # another dataset, or other features than the recipe's: beside the run's own results
             if (run_dir / "transfer").is_symlink():
                 raise RunError(f"{run_dir / 'transfer'} is a symbolic link; sslkit writes into a run's own folders "
                                "only. Replace it with a folder.")
-            out = run_dir / "transfer" / f"{spec.slug}-{identity_hash(spec.describe())[:8]}"
+            variant = "".join(f"-{k}{_slug(str(v))}" for k, v in sorted(enc_args.items()))
+            out = run_dir / "transfer" / f"{spec.slug}{variant}-{identity_hash({**spec.describe(), **enc_args})[:8]}"
         size = int(image_size or eval_image_size(run_cfg))
         cache = run_dir / "features"
     else:
@@ -557,8 +590,12 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluation resolution (default: the run's, a timm model's pretrained_cfg input size, or "
                         "the dataset's images for pixels / random:)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="where results go (default: the run; RUN/transfer/<dataset>/ on another dataset; "
-                        "evals/<source>_<dataset>/ for other sources)")
+                   help="where results go (default: the run; RUN/transfer/<dataset>/ on another dataset or with "
+                        "--encoder-arg; evals/<source>_<dataset>/ for other sources)")
+    p.add_argument("--encoder-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="a run only: an encoder argument that changes the features, not the weights (repeatable; "
+                        "on top of the recipe's eval.encoder_args), e.g. pool=token for a ViT's class token or "
+                        "pool_grid=4 for resnet_cifar")
 
 
 def add_dataset_arguments(p: argparse.ArgumentParser, *,
@@ -586,4 +623,5 @@ def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def source_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of :func:`resolve` (and ``load_context`` / ``run_*``) from parsed arguments."""
-    return {"weights": args.weights, **dataset_options(args), "image_size": args.image_size, "out_dir": args.out}
+    return {"weights": args.weights, **dataset_options(args), "image_size": args.image_size, "out_dir": args.out,
+            "encoder_args": getattr(args, "encoder_arg", None)}

@@ -244,10 +244,10 @@ class DINO(Objective):
         t_ibot = self.teacher["ibot_head"] if "ibot_head" in self.teacher else self.teacher["head"]
         with torch.no_grad():
             t_tok = t_enc.forward_tokens(xg)  # the teacher sees the crops unmasked
-            t_out = self.teacher["head"](t_enc.pool_tokens(t_tok)).reshape(n, B, -1)  # (n, B, K)
+            t_out = self.teacher["head"](t_enc.pool_tokens(t_tok, grid)).reshape(n, B, -1)  # (n, B, K)
             t_patch = t_ibot(t_tok.patches[masks])  # (M, K): the teacher's view of the masked patches
         s_tok = self.encoder.forward_tokens(xg, mask=masks)
-        s_feats = self.encoder.pool_tokens(s_tok)  # (n B, D)
+        s_feats = self.encoder.pool_tokens(s_tok, grid)  # (n B, D)
         s_out = [self.head(s_feats).reshape(n, B, -1)]
         if len(views) > n:
             s_out.append(multicrop_forward(self.encoder, self.head, views[n:]))  # (V - n, B, K)

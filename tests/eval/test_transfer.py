@@ -215,3 +215,38 @@ def test_errors_name_the_fix(hand_run, folder, tmp_path, capsys):
     assert "need a dataset" in capsys.readouterr().err
     assert sslkit_main(["eval", "knn", "timm:resnet10t", "--dataset", str(folder), "--no-progress"]) == 2
     assert "random:timm:resnet10t" in capsys.readouterr().err
+
+
+def test_encoder_arg_changes_the_pooling_not_the_weights(tiny_recipe, folder, capsys):
+    """`--encoder-arg pool=grid pool_grid=2` evaluates the run's ViT on its patch grid (the same weights, features
+    pooled by hand from its patch tokens), beside the run's own results; a wrong key or a non-run source is named."""
+    from sslkit.engine import train
+
+    cfg = resolve(tiny_recipe(data={"args": {"num_samples": 32, "image_size": 32}}, trainer={"epochs": 1}))
+    run = train(cfg).run_dir
+    args = ["eval", "knn", str(run), "--dataset", str(folder), "--k", "3", "--no-plots", "--no-progress"]
+    assert sslkit_main([*args, "--encoder-arg", "pool=grid", "--encoder-arg", "pool_grid=2"]) == 0
+    grid_path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: ")
+    assert sslkit_main(args) == 0
+    plain_path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("results: ")
+    assert grid_path != plain_path and "-poolgrid" in grid_path and grid_path.startswith(str(run / "transfer"))
+
+    ctx = load_context(run, dataset=folder, progress=False, encoder_args=["pool=grid", "pool_grid=2"])
+    feats = ctx.features("train")
+    enc, _ = load_encoder(run)  # the recipe's encoder: class token
+    assert enc.pool == "token"
+    with torch.no_grad():
+        want = []
+        for f in ctx.dataset("train").files:
+            patches = enc.forward_tokens(view(f, 32)).patches  # (1, 64, D): an 8 x 8 grid
+            d = patches.shape[-1]
+            fmap = patches.reshape(1, 8, 8, d).permute(0, 3, 1, 2)
+            want.append(fmap.reshape(1, d, 2, 4, 2, 4).mean(dim=(3, 5)).flatten(1))  # 2 x 2 cells of 4 x 4 patches
+    torch.testing.assert_close(feats.features, torch.cat(want), atol=1e-4, rtol=1e-4)
+    plain = load_context(run, dataset=folder, progress=False).features("train")
+    assert plain.features.shape[1] == d and feats.features.shape[1] == 4 * d  # its own cache entry
+
+    assert sslkit_main([*args, "--encoder-arg", "pool_gird=2"]) != 0
+    assert "--encoder-arg 'pool_gird'" in capsys.readouterr().err
+    with pytest.raises(DataError, match="not a run"):
+        load_context("pixels", dataset=folder, encoder_args={"pool": "token"})
