@@ -190,9 +190,18 @@ def as_eval_encoder(cfg: DictConfig, encoder: torch.nn.Module) -> torch.nn.Modul
         return encoder
     state = encoder.state_dict()
     device = next(iter(state.values())).device if state else torch.device("cpu")
-    enc = build_encoder(cfg, for_eval=True).to(device)
+    enc = make_room_for(build_encoder(cfg, for_eval=True), state).to(device)
     load_state_strict(enc, state, "the trained encoder (with eval.encoder_args)")
     return enc.train(encoder.training)
+
+
+def make_room_for(encoder: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """``encoder`` with the parameter slots ``state`` holds beyond the recipe's build: the learned mask token of an
+    encoder trained with iBOT (added by the objective, not by the encoder's arguments). Features never use it, but
+    the weights file carries it and the load is strict."""
+    if "mask_token" in state and getattr(encoder, "mask_token", 0) is None:
+        encoder.enable_mask_token()
+    return encoder
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -239,7 +248,7 @@ def load_encoder(run_dir: str | os.PathLike, map_location: str | torch.device = 
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated or foreign file
         raise RunError(f"{weights} is not a readable safetensors file ({error_line(e)}); it may be truncated or "
                        f"replaced. Re-export it by resuming the run (`sslkit pretrain --resume {d}`) or retrain.") from None
-    load_state_strict(enc, state, str(weights))
+    load_state_strict(make_room_for(enc, state), state, str(weights))
     return enc.eval(), cfg
 
 

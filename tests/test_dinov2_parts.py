@@ -56,6 +56,31 @@ def test_ibot_trains_and_resumes_bit_exact_mid_epoch(tmp_path, objective):
     assert "mask_token" in w
 
 
+def test_an_ibot_run_evaluates_with_other_encoder_args(tmp_path):
+    """The weights of an iBOT run carry the learned mask token, which the recipe's encoder arguments do not build:
+    the final k-NN with eval.encoder_args and every later load (`sslkit eval`, viz) still take them, and the
+    features are the trained encoder's."""
+    from sslkit.eval.report import load_context
+    from sslkit.run import load_encoder
+
+    raw = _recipe(tmp_path, "ibot_eval")
+    raw["trainer"]["epochs"] = 1
+    raw["eval"] = {"final_knn": True, "knn_train_subset": 32, "knn_test_subset": 16, "knn_k": 5,
+                   "encoder_args": {"pool": "grid", "pool_grid": 2}}
+    result = train(resolve(raw))
+    assert result.knn is not None and "top1" in result.knn
+    enc, _ = load_encoder(result.run_dir)
+    assert enc.pool == "grid" and enc.mask_token is not None
+    w = load_file(result.run_dir / "encoder.safetensors")
+    torch.testing.assert_close(enc.mask_token.detach(), w["mask_token"])
+    token, _ = load_encoder(result.run_dir, encoder_args={"pool": "token"})
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(token(x), token.forward_tokens(x).cls)
+    ctx = load_context(result.run_dir, progress=False, test_subset=8, train_subset=8, use_cache=False)
+    assert ctx.features("train").features.shape[1] == 64 * 2 * 2
+
+
 def test_ibot_needs_a_vit(tmp_path):
     raw = _recipe(tmp_path, "cnn")
     raw["encoder"] = {"name": "resnet_cifar", "widths": [8, 16], "depths": [1, 1]}
