@@ -274,7 +274,7 @@ def resnet50(zero_init_residual: bool = True) -> Encoder:
 
 
 def check_pool(pool: str, pool_grid: int) -> None:
-    """A ViT's ``pool`` and ``pool_grid`` must name a pooling sslkit has."""
+    """A ViT's ``pool`` and ``pool_grid`` must name a pooling sslkit has (checked by :class:`Encoder`)."""
     if pool not in VIT_POOLS:
         raise ValueError(f"encoder pool must be one of {', '.join(VIT_POOLS)}, got {pool!r}")
     if isinstance(pool_grid, bool) or not isinstance(pool_grid, int | np.integer) or pool_grid < 1:
@@ -283,7 +283,6 @@ def check_pool(pool: str, pool_grid: int) -> None:
 
 
 def _vit(name: str, pool: str, pool_grid: int = DEFAULT_POOL_GRID, **kw) -> Encoder:
-    check_pool(pool, pool_grid)
     if kw.get("reg_tokens") == 0:
         kw.pop("reg_tokens")
     kw.setdefault("dynamic_img_size", True)  # interpolate position embeddings for multi-crop sizes
@@ -302,7 +301,6 @@ def vit_tiny_patch4_32(img_size: int = 32, depth: int = 12, embed_dim: int = 192
     ``conv_stem`` embeds the patches with two 3x3 stride-2 convolutions instead of one 4x4 one
     (:class:`sslkit.encoders.timm_models.ConvStemPatchEmbed`); ``pool`` "token", "avg" or "grid" (the patch
     tokens pooled to ``pool_grid`` x ``pool_grid`` and flattened: see :meth:`Encoder.pool_tokens`)."""
-    check_pool(pool, pool_grid)
     if reg_tokens < 0:
         raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
     check_layers("encoder.depth", depth)

@@ -393,8 +393,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def parse_dataset_args(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
-    """``["num_samples=64", "labeled=false"]`` (values read as YAML scalars / lists) or a dict -> dict."""
+def parse_dataset_args(items: list[str] | dict[str, Any] | None, option: str = "--dataset-arg",
+                       example: str = "num_samples=64") -> dict[str, Any]:
+    """``["num_samples=64", "labeled=false"]`` (values read as YAML scalars / lists) or a dict -> dict; errors
+    name ``option`` and show ``example``."""
     if items is None:
         return {}
     if isinstance(items, dict):
@@ -404,12 +406,12 @@ def parse_dataset_args(items: list[str] | dict[str, Any] | None) -> dict[str, An
         for item in items:
             key, sep, value = str(item).partition("=")
             if not sep:
-                raise DataError(f"--dataset-arg {item!r}: expected key=value, e.g. --dataset-arg num_samples=64")
+                raise DataError(f"{option} {item!r}: expected key=value, e.g. {option} {example}")
             pairs.append((key.strip(), _parse_value(value)))
     out: dict[str, Any] = {}
     for key, value in pairs:
         if not str(key).isidentifier():
-            raise DataError(f"--dataset-arg key {key!r} is not a valid argument name (letters, digits, _).")
+            raise DataError(f"{option} key {key!r} is not a valid argument name (letters, digits, _).")
         out[str(key)] = value
     return out
 
@@ -491,15 +493,6 @@ class Resolved:
     image_size: int | None  # None = the dataset's own (decided once the dataset is built)
 
 
-def parse_encoder_args(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
-    """``["pool=token", "pool_grid=3"]`` (values read as YAML scalars) or a dict -> dict."""
-    try:
-        return parse_dataset_args(items)
-    except DataError as e:
-        raise DataError(str(e).replace("--dataset-arg", "--encoder-arg").replace("num_samples=64", "pool=token")) \
-            from None
-
-
 def with_encoder_args(run_cfg: Any, encoder_args: dict[str, Any]) -> Any:
     """A copy of a run's recipe whose ``eval.encoder_args`` has ``encoder_args`` on top, checked against the
     encoder's signature (a :class:`ConfigError` names a wrong key or type)."""
@@ -508,6 +501,8 @@ def with_encoder_args(run_cfg: Any, encoder_args: dict[str, Any]) -> Any:
     from sslkit.config import ConfigError, validate_eval_encoder_args
 
     cfg = OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=False))
+    if not encoder_args:
+        return cfg
     current = OmegaConf.to_container(cfg.eval.encoder_args, resolve=True) if cfg.eval.get("encoder_args") else {}
     cfg.eval.encoder_args = {**current, **encoder_args}
     try:
@@ -529,7 +524,7 @@ def resolve(source: str | Path, *, dataset: str | Path | None = None, dataset_ar
     src = parse_source(source, weights)
     if image_size is not None and int(image_size) < 8:
         raise DataError(f"--image-size must be at least 8 px, got {image_size}")
-    enc_args = parse_encoder_args(encoder_args)
+    enc_args = parse_dataset_args(encoder_args, "--encoder-arg", "pool=token")
     if enc_args and src.kind != "run":
         raise DataError(f"--encoder-arg changes how a run's encoder pools its features; {source} is not a run. "
                         "Leave it out, or pass a run directory.")
@@ -538,8 +533,7 @@ def resolve(source: str | Path, *, dataset: str | Path | None = None, dataset_ar
         src = FeatureSource("run", str(run_dir))
         run_cfg = load_config(run_dir)
         spec = dataset_spec(dataset, dataset_args, cfg=run_cfg, train_split=train_split, eval_split=eval_split)
-        cfg = with_encoder_args(run_cfg, enc_args) if enc_args else \
-            OmegaConf.create(OmegaConf.to_container(run_cfg, resolve=False))
+        cfg = with_encoder_args(run_cfg, enc_args)
         cfg.data = {**OmegaConf.to_container(run_cfg.data), "name": spec.name, "root": spec.root,
                     "args": spec.args, "eval_split": spec.eval_split}
         own_splits = spec.train_split == "train" and spec.eval_split == str(run_cfg.data.get("eval_split") or "test")
