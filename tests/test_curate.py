@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -336,6 +337,15 @@ def test_curated_list_trains_through_the_cli(tmp_path, tiny_recipe):
     assert main(["pretrain", str(tmp_path / "r.yaml")]) == 0
     run = next((tmp_path / "runs").glob("curated*"))
     assert (run / "encoder.safetensors").is_file()
+    # The same list preloaded trains with the batched views of in-memory data; a file gone bad is skipped and listed.
+    Path(kept[0]).write_bytes(b"broken")
+    raw.update(name="preloaded", data={**raw["data"], "args": {"preload": True}})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["pretrain", str(tmp_path / "r.yaml")]) == 0
+    run = next((tmp_path / "runs").glob("preloaded*"))
+    assert "batched augmentation" in (run / "train.log").read_text()
+    assert (run / "bad_files.txt").read_text().split() == [kept[0]]
+    assert json.loads((run / "summary.json").read_text())["skipped_files"] == 1
 
 
 def test_timm_embedder_with_local_weights_gives_timm_features(tmp_path):

@@ -150,6 +150,34 @@ def test_image_folder_unlabeled_and_empty(tmp_path):
         DATASETS.build("image_folder", root=str(tmp_path / "empty"))
 
 
+def test_preload_matches_decoding_on_access_and_reports_problems(tmp_path):
+    from sslkit.data.base import TensorImageDataset
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "gray" / cls).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8)).save(tmp_path / "gray" / cls / f"{k}.png")
+    (tmp_path / "gray" / "b" / "broken.png").write_bytes(b"not a png")
+    lazy = DATASETS.build("image_folder", root=str(tmp_path / "gray"))
+    with pytest.warns(UserWarning, match="broken.png"):
+        ds = DATASETS.build("image_folder", root=str(tmp_path / "gray"), preload=True)
+    assert isinstance(ds, TensorImageDataset) and ds._images.shape == (6, 1, 12, 10), "gray images keep one channel"
+    good = [i for i, f in enumerate(lazy.files) if f.name != "broken.png"]
+    for j, i in enumerate(good):
+        assert torch.equal(ds[j][0], lazy[i][0]) and ds[j][1] == lazy[i][1]
+    assert ds.classes == ["a", "b"] and [Path(x).name for x in ds.skipped] == ["broken.png"]
+    with pytest.raises(DataError, match="broken.png"):
+        DATASETS.build("image_folder", root=str(tmp_path / "gray"), preload=True, strict=True)
+    # Colour survives; a second size is refused with both sizes named.
+    (tmp_path / "mixed").mkdir()
+    Image.new("RGB", (10, 12), (255, 0, 0)).save(tmp_path / "mixed" / "a.png")
+    assert DATASETS.build("image_folder", root=str(tmp_path / "mixed"), preload=True)._images.shape == (1, 3, 12, 10)
+    Image.new("RGB", (11, 12), (0, 255, 0)).save(tmp_path / "mixed" / "b.png")
+    with pytest.raises(DataError, match="10x12 .* 11x12"):
+        DATASETS.build("image_folder", root=str(tmp_path / "mixed"), preload=True)
+
+
 def test_synthetic_is_deterministic_balanced_and_learnable_shapes():
     a = DATASETS.build("synthetic", num_samples=100, image_size=24)
     b = DATASETS.build("synthetic", num_samples=100, image_size=24)

@@ -1,4 +1,10 @@
-"""ImageNet-style folder trees (``root/[split/]class/img.jpg``) and unlabeled folders of images."""
+"""ImageNet-style folder trees (``root/[split/]class/img.jpg``) and unlabeled folders of images.
+
+Images are decoded on access (in the loader workers, per-image augmentation). With ``preload=True`` they are
+decoded once into one uint8 tensor, so a folder of same-size small images (CIFAR or Fashion-MNIST written as PNG, a
+curated list of them) trains with the batched augmentation of in-memory datasets instead of decoding every image
+every epoch.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sslkit.data.base import DataError, ImageDataset
+from sslkit.data.base import DataError, ImageDataset, TensorImageDataset
 from sslkit.registry import DATASETS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -73,6 +79,57 @@ class ImageFolderDataset(ImageDataset):
         raise DataError(f"{self.source}: 64 unreadable images in a row from index {i}; first bad: {self.bad[:5]}")
 
 
+def preload_dataset(ds: ImageFolderDataset, progress: bool = True) -> TensorImageDataset:
+    """Decode every image of ``ds`` once into a :class:`TensorImageDataset` (one channel when all are gray).
+
+    The images must share one size. Unreadable images are skipped (``strict``: raised) and listed in the result's
+    ``skipped``; the engine copies them to the run's ``bad_files.txt``. Refuses a tensor larger than half the
+    machine's memory.
+    """
+    import os
+
+    from tqdm.auto import tqdm
+
+    images: torch.Tensor | None = None
+    keep: list[int] = []
+    skipped: list[str] = []
+    for i in tqdm(range(len(ds)), desc="preload", unit="img", disable=not progress, dynamic_ncols=True):
+        try:
+            img = decode_image(ds.files[i])
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+            if ds.strict:
+                raise DataError(f"cannot read image {ds.files[i]}: {e}. Remove or fix it, or set "
+                                "data.args.strict=false to skip unreadable files.") from e
+            skipped.append(str(ds.files[i]))
+            continue
+        if images is None:
+            need = len(ds) * img.numel()
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if need > total / 2:
+                raise DataError(f"{ds.source}: preloading {len(ds)} images of {img.shape[2]}x{img.shape[1]} needs "
+                                f"{need / 1e9:.1f} GB, more than half of this machine's {total / 1e9:.1f} GB. Set "
+                                "data.args.preload=false to decode images on access.")
+            images = torch.empty((len(ds), *img.shape), dtype=torch.uint8)
+            first = ds.files[i]
+        elif img.shape != images.shape[1:]:
+            raise DataError(f"{ds.source}: preload needs images of one size, but {first} is "
+                            f"{images.shape[3]}x{images.shape[2]} and {ds.files[i]} is {img.shape[2]}x{img.shape[1]}. "
+                            "Resize them to one size, or set data.args.preload=false to decode them on access.")
+        images[len(keep)] = img
+        keep.append(i)
+    if images is None:
+        raise DataError(f"{ds.source}: none of its {len(ds)} images could be read; first: {skipped[:3]}")
+    if skipped:
+        warnings.warn(f"{ds.source}: skipped {len(skipped)} unreadable image(s), e.g. {skipped[:3]}", stacklevel=2)
+    images = images[:len(keep)]
+    if bool((images[:, 0] == images[:, 1]).all() and (images[:, 0] == images[:, 2]).all()):
+        images = images[:, :1].clone()
+    labels = torch.tensor(ds._labels, dtype=torch.long)[keep]
+    out = TensorImageDataset(images, labels, ds.classes, f"{ds.source} (preloaded)")
+    out.skipped = skipped  # type: ignore[attr-defined]
+    return out
+
+
 def _images_in(d: Path, recursive: bool) -> list[Path]:
     it = d.rglob("*") if recursive else d.iterdir()
     return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -80,11 +137,11 @@ def _images_in(d: Path, recursive: bool) -> list[Path]:
 
 @DATASETS.register("image_folder", help="ImageNet-style tree root/[train|val]/class/*.jpg, or an unlabeled folder")
 def image_folder(split: str = "train", root: str | None = None, labeled: bool = True,
-                 strict: bool = False) -> ImageFolderDataset:
+                 strict: bool = False, preload: bool = False) -> ImageDataset:
     """A folder tree. ``root/<split>`` is used when it exists (``val`` also serves ``test``), else ``root``.
 
     With ``labeled=True`` every sub-folder is a class; with ``labeled=False``, or when ``root`` holds images
-    but no class folders, all images below it are used with label -1.
+    but no class folders, all images below it are used with label -1. ``preload``: see :func:`preload_dataset`.
     """
     if root is None:
         raise DataError("image_folder needs data.root, the folder that holds the images.")
@@ -110,4 +167,5 @@ def image_folder(split: str = "train", root: str | None = None, labeled: bool = 
         labels, classes = [-1] * len(files), []
     if not files:
         raise DataError(f"image_folder: no images ({', '.join(IMAGE_EXTENSIONS)}) found under {base}.")
-    return ImageFolderDataset(files, labels, classes, strict, f"image_folder/{split} ({base})")
+    ds = ImageFolderDataset(files, labels, classes, strict, f"image_folder/{split} ({base})")
+    return preload_dataset(ds) if preload else ds

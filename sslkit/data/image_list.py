@@ -8,7 +8,8 @@ Two formats:
   label or ``-1`` means unlabeled). Other columns (``sslkit curate`` adds its reasons and scores) are ignored.
 
 Relative paths are resolved against the list file's folder. Images are decoded on access like ``image_folder``:
-unreadable files are skipped with a warning that names them, unless ``strict``.
+unreadable files are skipped with a warning that names them, unless ``strict``. ``preload=True`` decodes them
+once into memory (same-size images; batched augmentation), see :func:`sslkit.data.image_folder.preload_dataset`.
 
 Example recipe section::
 
@@ -20,8 +21,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from sslkit.data.base import DataError
-from sslkit.data.image_folder import ImageFolderDataset
+from sslkit.data.base import DataError, ImageDataset
+from sslkit.data.image_folder import ImageFolderDataset, preload_dataset
 from sslkit.registry import DATASETS
 
 UNLABELED = ("", "-1")
@@ -73,7 +74,7 @@ def _label_ids(labels: list[str]) -> tuple[list[int], list[str]]:
 
 @DATASETS.register("image_list", help="images named in a .txt/.csv list file (what `sslkit curate` writes)")
 def image_list(split: str = "train", root: str | None = None, test_list: str | None = None,
-               strict: bool = False) -> ImageFolderDataset:
+               strict: bool = False, preload: bool = False) -> ImageDataset:
     """The images of list file ``root`` (train split) or ``test_list`` (test split)."""
     path = root if split == "train" else test_list
     if path is None:
@@ -83,4 +84,5 @@ def image_list(split: str = "train", root: str | None = None, test_list: str | N
                         "that read the test split (eval.final_knn=false).")
     files, label_strings = read_image_list(path)
     labels, classes = _label_ids(label_strings)
-    return ImageFolderDataset(files, labels, classes, strict, f"image_list/{split} ({path})")
+    ds = ImageFolderDataset(files, labels, classes, strict, f"image_list/{split} ({path})")
+    return preload_dataset(ds) if preload else ds

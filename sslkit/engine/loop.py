@@ -58,6 +58,7 @@ from sslkit.run import (
     atomic_write_bytes,
     build_dataset,
     load_state_strict,
+    open_no_follow,
     read_config,
     refuse_linked_dirs,
 )
@@ -220,6 +221,9 @@ def setup(fabric, cfg: DictConfig, dataset, pipeline, run_dir: Path, ckpt: dict 
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg).encode())  # replaces, never follows, a link
         link_latest(run_dir, cfg.name)
+        if getattr(inner, "skipped", None):  # unreadable files a preloaded image folder left out
+            with open_no_follow(run_dir / "bad_files.txt") as f:
+                f.write("".join(f"{path}\n" for path in inner.skipped))
         ctx.logs = MetricsLog(run_dir, state.step if ckpt is not None else None)
         ctx.print(f"run directory: {run_dir}  ({total} steps, {spe}/epoch, global batch {state.global_batch}, "
                   f"lr {schedules.peak_lr:.3g}, precision {resolve_precision(cfg)}, {world} process(es), "
