@@ -178,6 +178,32 @@ def test_crop_correlation_equals_brute_force():
         np.testing.assert_allclose(box[n].tolist(), best_box, atol=1e-5)
 
 
+def test_fast_sampling_primitives_equal_torch_references():
+    # verify.py builds grids by broadcasting, box means from a summed-area table and samples H boxes without copying
+    # the image H times: each must equal the plain torch operation it replaces.
+    import torch.nn.functional as F
+
+    from sslkit.curate.verify import _sample_boxes, box_grid, window_means
+
+    g = torch.Generator().manual_seed(0)
+    n, size = 12, 20
+    x0, y0 = torch.rand(n, generator=g) * 0.4 - 0.1, torch.rand(n, generator=g) * 0.4
+    w, h = torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) * 1.5 + 0.5
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w, 2 * x0 + w - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h, 2 * y0 + h - 1
+    grid = box_grid(x0, y0, w, h, size)
+    torch.testing.assert_close(grid, F.affine_grid(theta, [n, 1, size, size], align_corners=False))
+    maps = torch.rand(3, 2, 32, 32, generator=g) * 255
+    torch.testing.assert_close(window_means(maps, 16), F.avg_pool2d(maps, 16, stride=1))
+    torch.testing.assert_close(window_means(maps.square(), 7), F.avg_pool2d(maps.square(), 7, stride=1))
+    a = torch.rand(3, 2, 24, 24, generator=g)  # 3 images, 4 boxes each
+    for padding in ("zeros", "border"):
+        want = F.grid_sample(a.repeat_interleave(4, 0), grid, mode="bilinear", padding_mode=padding,
+                             align_corners=False)
+        torch.testing.assert_close(_sample_boxes(a, grid, padding), want)
+
+
 def test_pair_scores_find_a_crop_and_ignore_brightness():
     a = _shapes(2, seed=3).mean(-1)  # (2, 32, 32)
     crop = torch.from_numpy(a[:1, None, 5:28, 3:30].copy())  # 27 x 23: 61% of the area, at (3, 5)

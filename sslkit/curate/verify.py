@@ -76,6 +76,43 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.square().sum(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(EPS)
 
 
+def box_grid(x0: torch.Tensor, y0: torch.Tensor, w: torch.Tensor, h: torch.Tensor, size: int) -> torch.Tensor:
+    """``grid_sample``'s sampling grid (``align_corners=False``) for axis-aligned boxes: ``(N, size, size, 2)``.
+
+    ``x0, y0, w, h``: ``(N,)`` box left, top, width and height as fractions of the image (a box may reach past it).
+    The points are those of ``F.affine_grid`` with the box's scale-and-shift matrix, built by broadcasting: on a
+    CPU, ``affine_grid``'s batched matrix product cost more than the sampling itself.
+    """
+    base = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # pixel centres in [-1, 1]
+    gx = w[:, None] * base + (2 * x0 + w - 1)[:, None]  # (N, size)
+    gy = h[:, None] * base + (2 * y0 + h - 1)[:, None]
+    return torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], dim=-1)
+
+
+def window_means(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Means over every ``k x k`` window of ``(N, C, S, S)``: ``(N, C, S - k + 1, S - k + 1)``, as
+    ``F.avg_pool2d(x, k, stride=1)``, from a summed-area table (in float64: four sums per window instead of k^2)."""
+    sat = F.pad(x.double().cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+    sums = sat[..., k:, k:] - sat[..., :-k, k:] - sat[..., k:, :-k] + sat[..., :-k, :-k]
+    return (sums / (k * k)).to(x.dtype)
+
+
+def _whole(p: int, size: int) -> torch.Tensor:
+    """The grid that samples all of each of ``p`` images at ``size`` squared points."""
+    one, zero = torch.ones(p), torch.zeros(p)
+    return box_grid(zero, zero, one, one, size)
+
+
+def _sample_boxes(a: torch.Tensor, grid: torch.Tensor, padding: str) -> torch.Tensor:
+    """Sample each of ``(P, C, S, S)`` through its H grids ``(P * H, s, s, 2)`` -> ``(P * H, C, s, s)``: the H grids
+    are stacked along the height, so A is never copied H times."""
+    p, c = a.shape[:2]
+    h, s = grid.shape[0] // p, grid.shape[1]
+    out = F.grid_sample(a, grid.reshape(p, h * s, *grid.shape[2:]), mode="bilinear", padding_mode=padding,
+                        align_corners=False)  # (P, C, H * s, s')
+    return out.reshape(p, c, h, s, -1).transpose(1, 2).reshape(p * h, c, s, -1)
+
+
 def box_sizes(aspect_a: torch.Tensor, aspect_b: torch.Tensor, exact: torch.Tensor | None = None,
               steps: int = SCALE_STEPS, min_area: float = MIN_CROP_AREA) -> torch.Tensor:
     """Box sizes ``(P, H, 2)`` (width, height as fractions of A) with B's aspect ratio, for H hypotheses.
@@ -104,22 +141,17 @@ def crop_correlation(a: torch.Tensor, b: torch.Tensor, sizes: torch.Tensor,
     h = sizes.shape[1]
     t = template
     # The template samples all of B the way the canvas samples A, so an exact copy scores 1.
-    tmpl = F.grid_sample(b, F.affine_grid(torch.eye(2, 3).expand(p, 2, 3), [p, c, t, t], align_corners=False),
-                         mode="bilinear", align_corners=False)
-    tmpl = _unit(tmpl)
+    tmpl = _unit(F.grid_sample(b, _whole(p, t), mode="bilinear", align_corners=False))
     # A canvas of 2t pixels, each a box's width / t of A, covers A from its left edge out to twice the box width
     # (>= A's width); offset o of the template on the canvas is the box at o * width / t.
     bw, bh = sizes[..., 0].reshape(-1), sizes[..., 1].reshape(-1)  # (P * H,)
-    theta = torch.zeros(p * h, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = 2 * bw, 2 * bw - 1
-    theta[:, 1, 1], theta[:, 1, 2] = 2 * bh, 2 * bh - 1
-    grid = F.affine_grid(theta, [p * h, c, 2 * t, 2 * t], align_corners=False)
-    canvas = F.grid_sample(a.repeat_interleave(h, 0), grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)  # (P * H, C, 2t, 2t)
+    zero = torch.zeros_like(bw)
+    grid = box_grid(zero, zero, 2 * bw, 2 * bh, 2 * t)
+    canvas = _sample_boxes(a, grid, "zeros")  # (P * H, C, 2t, 2t)
     weight = tmpl.repeat_interleave(h, 0)  # (P * H, C, t, t)
     dot = F.conv2d(canvas.reshape(1, p * h * c, 2 * t, 2 * t), weight, groups=p * h)[0]  # (P * H, t + 1, t + 1)
-    mean = F.avg_pool2d(canvas, t, stride=1)  # (P * H, C, t + 1, t + 1): box means per channel
-    energy = F.avg_pool2d(canvas.square(), t, stride=1)
+    mean = window_means(canvas, t)  # (P * H, C, t + 1, t + 1): box means per channel
+    energy = window_means(canvas.square(), t)
     norm = ((energy - mean.square()).clamp_min(0).sum(1) * t * t).sqrt()
     ncc = dot / norm.clamp_min(EPS)  # the template has zero mean, so <box, tmpl> = <box - mean, tmpl>
     # offsets whose box stays inside A (a 2% margin absorbs rounding of the crop's pixel size)
@@ -158,15 +190,9 @@ def box_correlation(a: torch.Tensor, b: torch.Tensor, boxes: torch.Tensor, size:
     """
     p, c = a.shape[:2]
     r = boxes.shape[1]
-    tmpl = F.grid_sample(b, F.affine_grid(torch.eye(2, 3).expand(p, 2, 3), [p, c, size, size], align_corners=False),
-                         mode="bilinear", align_corners=False)  # (P, C, s, s)
-    x0, y0, bw, bh = boxes.reshape(-1, 4).unbind(1)  # (P * R,)
-    theta = torch.zeros(p * r, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = bw, 2 * x0 + bw - 1  # box centre, in grid_sample's [-1, 1] coordinates
-    theta[:, 1, 1], theta[:, 1, 2] = bh, 2 * y0 + bh - 1
-    grid = F.affine_grid(theta, [p * r, c, size, size], align_corners=False)
-    box = F.grid_sample(a.repeat_interleave(r, 0), grid, mode="bilinear", padding_mode="border",
-                        align_corners=False)  # (P * R, C, s, s)
+    tmpl = F.grid_sample(b, _whole(p, size), mode="bilinear", align_corners=False)  # (P, C, s, s)
+    grid = box_grid(*boxes.reshape(-1, 4).unbind(1), size)  # (P * R, s, s, 2)
+    box = _sample_boxes(a, grid, "border")  # (P * R, C, s, s)
     if detail is not None:
         box, tmpl = _low_pass(box, detail.repeat_interleave(r)), _low_pass(tmpl, detail)
     return (_unit(box).reshape(p, r, -1) * _unit(tmpl).reshape(p, 1, -1)).sum(-1)
