@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from time_to_accuracy import cpu_model  # noqa: E402
 
 from sslkit.curate.demo import SEED_CLASSES, pool_class, prepare_retrieval  # noqa: E402
+from sslkit.eval.sources import parse_dataset_args  # noqa: E402
 
 KNN_K = 20
 
@@ -57,21 +58,28 @@ def seed_set(folder: Path):  # noqa: ANN201
     return ds
 
 
-def knn_on_seed_classes(run_dir: Path, banks: dict[str, object], queries: object) -> dict[str, float]:
-    """k-NN top-1 (centred, and uncentred beside it) of the run's encoder for each bank, on the same queries."""
+def knn_on_seed_classes(run_dir: Path, banks: dict[str, object], queries: object,
+                        alt_args: dict | None = None) -> dict[str, float]:
+    """k-NN top-1 (centred, and uncentred beside it) of the run's eval encoder for each bank, on the same queries;
+    with ``alt_args`` also of the encoder with these arguments on top of the recipe's ``eval.encoder_args``
+    (keys ``alt_<bank>_...``)."""
     from sslkit.eval.features import extract_features
     from sslkit.eval.knn import headline_protocols
-    from sslkit.run import eval_image_size, load_encoder
+    from sslkit.run import eval_image_size, load_config, load_encoder
 
-    enc, cfg = load_encoder(run_dir)
-    def feats(ds: object) -> torch.Tensor:
-        return extract_features(enc, ds, image_size=eval_image_size(cfg), progress=False)[0]
-
-    qf = feats(queries)
     out = {}
-    for name, bank in banks.items():
-        res = headline_protocols(feats(bank), bank.labels, qf, queries.labels, k=KNN_K)
-        out.update({f"{name}_top1": float(res["top1"]), f"{name}_top1_uncentred": float(res["top1_uncentred"])})
+    variants = {"": None} if not alt_args else {"": None, "alt_": {**load_config(run_dir).eval.encoder_args, **alt_args}}
+    for prefix, args in variants.items():
+        enc, cfg = load_encoder(run_dir, encoder_args=args)
+
+        def feats(ds: object, enc: torch.nn.Module = enc, cfg: object = cfg) -> torch.Tensor:
+            return extract_features(enc, ds, image_size=eval_image_size(cfg), progress=False)[0]
+
+        qf = feats(queries)
+        for name, bank in banks.items():
+            res = headline_protocols(feats(bank), bank.labels, qf, queries.labels, k=KNN_K)
+            out.update({f"{prefix}{name}_top1": float(res["top1"]),
+                        f"{prefix}{name}_top1_uncentred": float(res["top1_uncentred"])})
     return out
 
 
@@ -109,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-seed", type=int, default=8)
     p.add_argument("--bank", type=int, default=None, help="k-NN bank size (seed classes, train split; default all)")
     p.add_argument("--queries", type=int, default=None, help="k-NN queries (seed classes, test split; default all)")
+    p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="also evaluate each run's encoder with these arguments on top of the recipe's "
+                        "eval.encoder_args (e.g. pool_grid=1: the globally pooled feature); keys alt_*")
     p.add_argument("--work", default=None,
                    help="keep the seed set, pool, lists and runs here; lists already there are reused")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curate_pretrain"))
@@ -153,13 +164,14 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     banks = {"knn": seed_class_split("train", classes, args.bank), "seedbank": seed_set(work / "retrieve" / "seed")}
     queries = seed_class_split("test", classes, args.queries)
     seeds = [int(x) for x in args.seeds.split(",")]
-    result["seeds"] = seeds
+    alt = parse_dataset_args(args.encoder_arg, "--encoder-arg", "pool_grid=1")
+    result.update(seeds=seeds, alt_encoder_args=alt)
     for seed in seeds:
         for name, lst in lists.items():
             tag = f"{Path(args.recipe).stem}_{name}_{f'{args.steps}steps' if args.steps else f'{args.minutes}min'}_s{seed}"
             rd = pretrain(args.recipe, lst, work / "runs", args.minutes, args.steps, tag,
                           [f"seed={seed}", *args.overrides])
-            for key, v in knn_on_seed_classes(rd, banks, queries).items():
+            for key, v in knn_on_seed_classes(rd, banks, queries, alt).items():
                 result.setdefault(f"{name}_{key}", []).append(v)
             print(name, seed, {k: v[-1] for k, v in result.items() if k.startswith(name + "_") and isinstance(v, list)},
                   flush=True)
@@ -175,6 +187,12 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         f"({', '.join(f'{v:.2f}' for v in result[f'{n}_knn_top1'])}) | {result[f'{n}_knn_top1_uncentred_mean']:.2f} "
         f"| {result[f'{n}_seedbank_top1_mean']:.2f} ({', '.join(f'{v:.2f}' for v in result[f'{n}_seedbank_top1'])}) |\n"
         for n in ("curated", "random"))
+    if result["alt_encoder_args"]:
+        rows += "".join(
+            f"| {n}, encoder args {result['alt_encoder_args']} | | {result[f'{n}_alt_knn_top1_mean']:.2f} "
+            f"({', '.join(f'{v:.2f}' for v in result[f'{n}_alt_knn_top1'])}) "
+            f"| {result[f'{n}_alt_knn_top1_uncentred_mean']:.2f} | {result[f'{n}_alt_seedbank_top1_mean']:.2f} "
+            f"({', '.join(f'{v:.2f}' for v in result[f'{n}_alt_seedbank_top1'])}) |\n" for n in ("curated", "random"))
     return (f"# Curated vs random pretraining subset ({result['cpu']})\n\nCommand: `{result['command']}`; recipe "
             f"{result['recipe']}; seed classes {', '.join(map(str, result['seed_classes']))}; "
             f"{result['subset_size']} images each, {length} each, seeds {result['seeds']}; pool base rate "
