@@ -43,6 +43,12 @@ def decode_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
+def unreadable(path: Path, e: Exception) -> DataError:
+    """The error for an image that does not decode under ``strict``."""
+    return DataError(f"cannot read image {path}: {e}. Remove or fix it, or set data.args.strict=false to skip "
+                     "unreadable files.")
+
+
 class ImageFolderDataset(ImageDataset):
     """Images decoded on access. Unreadable files are skipped (a warning names them) unless ``strict``."""
 
@@ -65,8 +71,7 @@ class ImageFolderDataset(ImageDataset):
                 return decode_image(self.files[j]), self._labels[j]
             except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
                 if self.strict:
-                    raise DataError(f"cannot read image {self.files[j]}: {e}. Remove or fix it, or set "
-                                    "data.args.strict=false to skip unreadable files.") from e
+                    raise unreadable(self.files[j], e) from e
                 if str(self.files[j]) not in self.bad:
                     self.bad.append(str(self.files[j]))
                     if self.bad_log is not None:  # one short line per append: safe from several workers
@@ -98,8 +103,7 @@ def preload_dataset(ds: ImageFolderDataset, progress: bool = True) -> TensorImag
             img = decode_image(ds.files[i])
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
             if ds.strict:
-                raise DataError(f"cannot read image {ds.files[i]}: {e}. Remove or fix it, or set "
-                                "data.args.strict=false to skip unreadable files.") from e
+                raise unreadable(ds.files[i], e) from e
             skipped.append(str(ds.files[i]))
             continue
         if images is None:
