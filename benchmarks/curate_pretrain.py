@@ -65,10 +65,13 @@ def knn_on_seed_classes(run_dir: Path, banks: dict[str, object], queries: object
     (keys ``alt_<bank>_...``)."""
     from sslkit.eval.features import extract_features
     from sslkit.eval.knn import headline_protocols
+    from sslkit.eval.sources import with_encoder_args
     from sslkit.run import eval_image_size, load_config, load_encoder
 
     out = {}
-    variants = {"": None} if not alt_args else {"": None, "alt_": {**load_config(run_dir).eval.encoder_args, **alt_args}}
+    variants = {"": None}
+    if alt_args:  # the recipe's eval.encoder_args with alt_args on top, checked against the encoder's signature
+        variants["alt_"] = dict(with_encoder_args(load_config(run_dir), alt_args).eval.encoder_args)
     for prefix, args in variants.items():
         enc, cfg = load_encoder(run_dir, encoder_args=args)
 
@@ -182,17 +185,16 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 def markdown(result: dict, args: argparse.Namespace) -> str:
     length = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
-    rows = "".join(
-        f"| {n} | {result[f'{n}_precision']:.3f} | {result[f'{n}_knn_top1_mean']:.2f} "
-        f"({', '.join(f'{v:.2f}' for v in result[f'{n}_knn_top1'])}) | {result[f'{n}_knn_top1_uncentred_mean']:.2f} "
-        f"| {result[f'{n}_seedbank_top1_mean']:.2f} ({', '.join(f'{v:.2f}' for v in result[f'{n}_seedbank_top1'])}) |\n"
-        for n in ("curated", "random"))
+    def row(label: str, n: str, prefix: str, share: str) -> str:
+        def cell(key: str) -> str:
+            return f"{result[key + '_mean']:.2f} ({', '.join(f'{v:.2f}' for v in result[key])})"
+        return (f"| {label} | {share} | {cell(f'{n}_{prefix}knn_top1')} | {result[f'{n}_{prefix}knn_top1_uncentred_mean']:.2f} "
+                f"| {cell(f'{n}_{prefix}seedbank_top1')} |\n")
+
+    rows = "".join(row(n, n, "", f"{result[f'{n}_precision']:.3f}") for n in ("curated", "random"))
     if result["alt_encoder_args"]:
-        rows += "".join(
-            f"| {n}, encoder args {result['alt_encoder_args']} | | {result[f'{n}_alt_knn_top1_mean']:.2f} "
-            f"({', '.join(f'{v:.2f}' for v in result[f'{n}_alt_knn_top1'])}) "
-            f"| {result[f'{n}_alt_knn_top1_uncentred_mean']:.2f} | {result[f'{n}_alt_seedbank_top1_mean']:.2f} "
-            f"({', '.join(f'{v:.2f}' for v in result[f'{n}_alt_seedbank_top1'])}) |\n" for n in ("curated", "random"))
+        rows += "".join(row(f"{n}, encoder args {result['alt_encoder_args']}", n, "alt_", "")
+                        for n in ("curated", "random"))
     return (f"# Curated vs random pretraining subset ({result['cpu']})\n\nCommand: `{result['command']}`; recipe "
             f"{result['recipe']}; seed classes {', '.join(map(str, result['seed_classes']))}; "
             f"{result['subset_size']} images each, {length} each, seeds {result['seeds']}; pool base rate "

@@ -128,7 +128,7 @@ def preload_dataset(ds: ImageFolderDataset, progress: bool = True) -> TensorImag
     images = images[:len(keep)]
     if bool((images[:, 0] == images[:, 1]).all() and (images[:, 0] == images[:, 2]).all()):
         images = images[:, :1].clone()
-    labels = torch.tensor(ds._labels, dtype=torch.long)[keep]
+    labels = ds.labels[keep]
     out = TensorImageDataset(images, labels, ds.classes, f"{ds.source} (preloaded)")
     out.skipped = skipped  # type: ignore[attr-defined]
     return out
