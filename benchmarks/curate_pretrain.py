@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from time_to_accuracy import cpu_model  # noqa: E402
 
-from sslkit.curate.demo import SEED_CLASSES, pool_class, prepare_retrieval  # noqa: E402
+from sslkit.curate.demo import OOD_KINDS, SEED_CLASSES, pool_class, prepare_retrieval  # noqa: E402
 from sslkit.eval.sources import parse_dataset_args  # noqa: E402
 
 KNN_K = 20
@@ -46,16 +46,17 @@ def seed_class_split(split: str, classes: tuple[int, ...], n: int | None = None)
 
     ds = DATASETS.build("fashion_mnist", split=split)
     keep = torch.from_numpy(np.isin(ds.labels.numpy(), classes))
-    return subset_dataset(TensorImageDataset(ds._images[keep], ds.labels[keep], ds.classes, ds.source), n)
+    return subset_dataset(TensorImageDataset(ds.images[keep], ds.labels[keep], ds.classes, ds.source), n)
 
 
 def seed_set(folder: Path):  # noqa: ANN201
     """The seed images of :func:`prepare_retrieval` (``class_<c>/`` folders) with their Fashion-MNIST labels."""
+    from sslkit.data.base import TensorImageDataset
     from sslkit.registry import DATASETS
 
     ds = DATASETS.build("image_folder", root=str(folder), preload=True)
-    ds._labels = torch.tensor([int(ds.classes[k].split("_")[1]) for k in ds.labels.tolist()])
-    return ds
+    labels = torch.tensor([int(ds.classes[k].split("_")[1]) for k in ds.labels.tolist()])
+    return TensorImageDataset(ds.images, labels, ds.classes, ds.source)
 
 
 def knn_on_seed_classes(run_dir: Path, banks: dict[str, object], queries: object,
@@ -93,13 +94,15 @@ def pretrain(recipe: str, image_list: Path, out: Path, minutes: float, steps: in
     cmd = [sys.executable, "-m", "sslkit.cli", "pretrain", recipe, f"name={name}", f"output_dir={out}",
            "data.name=image_list", f"data.root={image_list}", "data.args.preload=true", "eval.final_knn=false",
            *length, *overrides]
-    run_dir = out / name
-    if (run_dir / "summary.json").is_file():  # finished by an earlier call with the same --work
-        print(f"reusing {run_dir}", flush=True)
+    run_dir, stamp = out / name, out / f"{name}.command.json"
+    if (run_dir / "summary.json").is_file() and stamp.is_file() and json.loads(stamp.read_text()) == cmd[1:]:
+        print(f"reusing {run_dir}, finished by an earlier call with the same command", flush=True)
         return run_dir
-    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run, or one with other overrides, starts over
+    stamp.unlink(missing_ok=True)
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+    stamp.write_text(json.dumps(cmd[1:]))
     return run_dir
 
 
@@ -111,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="train each for this many steps instead of --minutes: the same compute for both (one "
                         "recipe, one batch size), and a figure that does not depend on what else the machine runs")
     p.add_argument("--seeds", default="0", help="pretraining seeds, comma-separated: one run per seed and subset")
-    p.add_argument("--pool-size", type=int, default=10000, help="Fashion-MNIST train images in the pool (+ as many OOD)")
+    p.add_argument("--pool-size", type=int, default=10000, help="Fashion-MNIST train images in the pool")
+    p.add_argument("--ood", default="shapes", choices=OOD_KINDS,
+                   help="out-of-domain pool images: procedural shapes, grey crops of real photos, or half of each")
+    p.add_argument("--ood-ratio", type=float, default=1.0, help="out-of-domain images per Fashion-MNIST pool image")
     p.add_argument("--seed-classes", default=",".join(map(str, SEED_CLASSES)),
                    help="the 5 Fashion-MNIST classes of the seed set, comma-separated (default: the demo's, "
                         "T-shirt, Trouser, Sandal, Sneaker, Bag; 0,2,3,4,6 are the five upper-body garments, "
@@ -143,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, work: Path) -> dict:
     classes = tuple(int(c) for c in args.seed_classes.split(","))
     settings = {"pool_size": args.pool_size, "seed_classes": list(classes), "mode": args.mode,
-                "per_seed": args.per_seed}
+                "per_seed": args.per_seed, "ood": args.ood, "ood_ratio": args.ood_ratio}
     stamp = work / "lists.json"
     if not stamp.is_file() or json.loads(stamp.read_text())["settings"] != settings:
-        info = prepare_retrieval(work, args.pool_size, classes=classes)
+        info = prepare_retrieval(work, args.pool_size, classes=classes, ood=args.ood, ood_ratio=args.ood_ratio)
         subprocess.run([sys.executable, "-m", "sslkit.cli", "curate", "retrieve", "--seed", str(work / "retrieve/seed"),
                         "--pool", str(work / "retrieve/pool"), "--mode", args.mode, "--per-seed", str(args.per_seed),
                         "--out", str(work / "curated")], check=True, cwd=ROOT)
@@ -155,13 +161,15 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         rng = np.random.default_rng(0)
         random = [pool[i] for i in np.sort(rng.choice(len(pool), len(curated), replace=False))]
         (work / "random.txt").write_text("\n".join(random) + "\n")
-        stamp.write_text(json.dumps({"settings": settings, "base_rate": info["base_rate"]}))
-    base_rate = json.loads(stamp.read_text())["base_rate"]
+        stamp.write_text(json.dumps({"settings": settings, "pool": {k: info[k] for k in ("pool_fmnist", "pool_ood")},
+                                     "base_rate": info["base_rate"]}))
+    built = json.loads(stamp.read_text())
     lists = {"curated": work / "curated" / "curated.txt", "random": work / "random.txt"}
     names = {k: [x for x in v.read_text().split("\n") if x] for k, v in lists.items()}
     result = {"cpu": cpu_model(), "command": "python " + " ".join(sys.argv), "recipe": Path(args.recipe).name,
               "seed_classes": list(classes), "mode": args.mode, "subset_size": len(names["curated"]),
-              "minutes": None if args.steps else args.minutes, "steps": args.steps, "pool_base_rate": base_rate}
+              "minutes": None if args.steps else args.minutes, "steps": args.steps, "ood": args.ood, **built["pool"],
+              "pool_base_rate": built["base_rate"]}
     for k, v in names.items():
         result[f"{k}_precision"] = float(np.isin([pool_class(x) for x in v], classes).mean())
     banks = {"knn": seed_class_split("train", classes, args.bank), "seedbank": seed_set(work / "retrieve" / "seed")}
@@ -197,7 +205,9 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
                         for n in ("curated", "random"))
     return (f"# Curated vs random pretraining subset ({result['cpu']})\n\nCommand: `{result['command']}`; recipe "
             f"{result['recipe']}; seed classes {', '.join(map(str, result['seed_classes']))}; "
-            f"{result['subset_size']} images each, {length} each, seeds {result['seeds']}; pool base rate "
+            f"{result['subset_size']} images each, {length} each, seeds {result['seeds']}; pool of "
+            f"{result['pool_fmnist']} Fashion-MNIST and {result['pool_ood']} out-of-domain images ({result['ood']}), "
+            "base rate "
             f"{result['pool_base_rate']:.3f}. k-NN k={KNN_K}, T=0.07 on the 5 seed classes' test split; mean over "
             "seeds (each seed).\n\n"
             "| subset | share from the seed classes | k-NN top-1, train-split bank, centred | uncentred "

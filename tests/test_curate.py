@@ -374,6 +374,27 @@ def test_curated_list_trains_through_the_cli(tmp_path, tiny_recipe):
     assert json.loads((run / "summary.json").read_text())["skipped_files"] == 1
 
 
+def test_demo_pool_mixes_out_of_domain_kinds_at_the_ratio(tmp_path):
+    from PIL import Image
+
+    from sslkit.curate.demo import ood_images, pool_class, prepare_retrieval
+
+    info = prepare_retrieval(tmp_path, pool_size=40, seed_per_class=2, ood="mixed", ood_ratio=2.5)
+    pool = sorted((tmp_path / "retrieve" / "pool").rglob("*.png"))
+    kinds = [p.parent.name for p in pool]
+    assert (kinds.count("ood"), kinds.count("ood_photo"), len(pool)) == (50, 50, 140)
+    assert len(list((tmp_path / "retrieve" / "seed").rglob("*.png"))) == 10
+    in_seed_classes = np.isin([pool_class(str(p)) for p in pool], info["seed_classes"])
+    assert info["base_rate"] == pytest.approx(in_seed_classes.mean())
+    photo = Image.open(next(p for p in pool if p.parent.name == "ood_photo"))
+    assert (photo.mode, photo.size) == ("L", (28, 28))  # Fashion-MNIST's format, a real photo's content
+    crops = ood_images("photos", 6, seed=3)["ood_photo"]
+    assert np.array_equal(crops, ood_images("photos", 6, seed=3)["ood_photo"])
+    assert len({c.tobytes() for c in crops}) == 6 and all(c.std() > 1 for c in crops)
+    with pytest.raises(ValueError, match="shapes, photos, mixed"):
+        ood_images("noise", 4)
+
+
 def test_timm_embedder_with_local_weights_gives_timm_features(tmp_path):
     # The curation path loads timm models as `sslkit eval` does (sslkit.eval.sources): same weights, same features.
     import timm

@@ -167,6 +167,7 @@ def test_preload_matches_decoding_on_access_and_reports_problems(tmp_path):
     for j, i in enumerate(good):
         assert torch.equal(ds[j][0], lazy[i][0]) and ds[j][1] == lazy[i][1]
     assert ds.classes == ["a", "b"] and [Path(x).name for x in ds.skipped] == ["broken.png"]
+    assert subset_dataset(ds, 4).skipped == ds.skipped, "data.subset keeps the unreadable files reported"
     with pytest.raises(DataError, match="broken.png"):
         DATASETS.build("image_folder", root=str(tmp_path / "gray"), preload=True, strict=True)
     # Colour survives; a second size is refused with both sizes named.

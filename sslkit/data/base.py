@@ -63,7 +63,10 @@ def subset_dataset(ds: ImageDataset, n: int | None, seed: int = 0) -> ImageDatas
         raise DataError(f"subset must be positive, got {n}")
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     if isinstance(ds, TensorImageDataset):
-        return TensorImageDataset(ds._images[idx], ds._labels[idx], ds.classes, f"{ds.source}[subset {n}]")
-    sub = torch.utils.data.Subset(ds, idx.tolist())
-    sub.classes = ds.classes  # type: ignore[attr-defined]
+        sub = TensorImageDataset(ds._images[idx], ds._labels[idx], ds.classes, f"{ds.source}[subset {n}]")
+    else:
+        sub = torch.utils.data.Subset(ds, idx.tolist())
+        sub.classes = ds.classes  # type: ignore[attr-defined]
+    if getattr(ds, "skipped", None):  # files a preload could not read stay reported (the run's bad_files.txt)
+        sub.skipped = ds.skipped  # type: ignore[attr-defined]
     return sub  # type: ignore[return-value]
