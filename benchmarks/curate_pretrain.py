@@ -3,14 +3,15 @@
 1. Build the demo's seed set and pool (:func:`sslkit.curate.demo.prepare_retrieval`) and run
    ``sslkit curate retrieve`` (``--mode``, ``--per-seed``). With ``--work DIR`` these stay in DIR and a second call
    reuses them (another recipe or more seeds on the same lists, without the dedup).
-2. Write a random subset of the pool of the same size as the curated list.
+2. Write a random subset of the pool of the same size as the curated list (and, with ``--ood-only``, one drawn
+   from the pool's out-of-domain images alone: a control for how much the features owe to the seed domain).
 3. Pretrain ``--recipe`` on each list (``data.name=image_list``, preloaded) for the same number of steps
    (``--steps``) or wall-clock budget (``--minutes``), once per ``--seeds``.
 4. k-NN (k=20, T=0.07, centred; uncentred beside it) on Fashion-MNIST restricted to the 5 seed classes: the
    train-split bank and all test-split queries (the headline), and the 500 labelled seed images as the bank
    (``seedbank``: the labels a curator has, where features count for more than bank size).
 
-Example (a short budget; the lead can run it longer)::
+Example (a short budget; longer runs give the figures in benchmarks/results)::
 
     python benchmarks/curate_pretrain.py --minutes 3 --pool-size 10000
 """
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="also evaluate each run's encoder with these arguments on top of the recipe's "
                         "eval.encoder_args (e.g. pool_grid=1: the globally pooled feature); keys alt_*")
+    p.add_argument("--ood-only", action="store_true",
+                   help="also pretrain on a subset of the same size drawn from the pool's out-of-domain images only "
+                        "(a control: what the features owe to the seed classes' domain at all)")
     p.add_argument("--work", default=None,
                    help="keep the seed set, pool, lists and runs here; lists already there are reused")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "curate_pretrain"))
@@ -161,10 +165,18 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         rng = np.random.default_rng(0)
         random = [pool[i] for i in np.sort(rng.choice(len(pool), len(curated), replace=False))]
         (work / "random.txt").write_text("\n".join(random) + "\n")
+        (work / "ood_only.txt").unlink(missing_ok=True)
         stamp.write_text(json.dumps({"settings": settings, "pool": {k: info[k] for k in ("pool_fmnist", "pool_ood")},
                                      "base_rate": info["base_rate"]}))
     built = json.loads(stamp.read_text())
     lists = {"curated": work / "curated" / "curated.txt", "random": work / "random.txt"}
+    if args.ood_only:  # the control: as many images drawn from the pool's out-of-domain part alone
+        lists["ood_only"] = work / "ood_only.txt"
+        if not lists["ood_only"].is_file():
+            n = len([x for x in lists["curated"].read_text().split("\n") if x])
+            ood = sorted(str(f) for f in (work / "retrieve" / "pool").rglob("*.png") if pool_class(str(f)) < 0)
+            pick = np.sort(np.random.default_rng(0).choice(len(ood), n, replace=False))
+            lists["ood_only"].write_text("\n".join(ood[i] for i in pick) + "\n")
     names = {k: [x for x in v.read_text().split("\n") if x] for k, v in lists.items()}
     result = {"cpu": cpu_model(), "command": "python " + " ".join(sys.argv), "recipe": Path(args.recipe).name,
               "seed_classes": list(classes), "mode": args.mode, "subset_size": len(names["curated"]),
@@ -199,10 +211,11 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         return (f"| {label} | {share} | {cell(f'{n}_{prefix}knn_top1')} | {result[f'{n}_{prefix}knn_top1_uncentred_mean']:.2f} "
                 f"| {cell(f'{n}_{prefix}seedbank_top1')} |\n")
 
-    rows = "".join(row(n, n, "", f"{result[f'{n}_precision']:.3f}") for n in ("curated", "random"))
+    subsets = [n for n in ("curated", "random", "ood_only") if f"{n}_precision" in result]
+    rows = "".join(row(n, n, "", f"{result[f'{n}_precision']:.3f}") for n in subsets)
     if result["alt_encoder_args"]:
         rows += "".join(row(f"{n}, encoder args {result['alt_encoder_args']}", n, "alt_", "")
-                        for n in ("curated", "random"))
+                        for n in subsets)
     return (f"# Curated vs random pretraining subset ({result['cpu']})\n\nCommand: `{result['command']}`; recipe "
             f"{result['recipe']}; seed classes {', '.join(map(str, result['seed_classes']))}; "
             f"{result['subset_size']} images each, {length} each, seeds {result['seeds']}; pool of "

@@ -24,26 +24,12 @@ import numpy as np
 from PIL import Image
 from time_to_accuracy import cpu_model  # benchmarks/ is on sys.path as a script
 
+from sslkit.data import DataError
+from sslkit.data.sample_photos import photo_files
 from sslkit.eval import report
 from sslkit.eval.segment import run_segment
 
 K = 20
-
-
-def photo_files() -> dict[str, Path]:
-    """The real photos shipped with scikit-learn and matplotlib, by class name."""
-    import matplotlib
-    import sklearn
-
-    sk = Path(sklearn.__file__).parent / "datasets" / "images"
-    mpl = Path(matplotlib.get_data_path()) / "sample_data"
-    files = {"china": sk / "china.jpg", "flower": sk / "flower.jpg", "grace_hopper": mpl / "grace_hopper.jpg",
-             "present": mpl / "Minduka_Present_Blue_Pack.png"}
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise SystemExit(f"photos not found: {', '.join(missing)} (they ship with scikit-learn and matplotlib; "
-                         "reinstall them, or pass --no-photos)")
-    return files
 
 
 def make_photo_folder(out: Path, crops: int, size: int, seed: int = 0) -> Path:
@@ -87,7 +73,10 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    photos = None if args.no_photos else make_photo_folder(out / "transfer_photos", args.crops, args.image_size)
+    try:
+        photos = None if args.no_photos else make_photo_folder(out / "transfer_photos", args.crops, args.image_size)
+    except DataError as e:
+        raise SystemExit(f"{e} Or pass --no-photos.") from None
     scene_sets = {"dataset": "fmnist_scenes", "train_subset": args.scenes_train, "test_subset": args.scenes_test,
                   "image_size": args.image_size}
     seg_opts = {key: v for key, v in (("epochs", args.segment_epochs), ("train_subset", args.segment_train),

@@ -43,21 +43,24 @@ def prepare_dedup(out: Path, base: int, per_kind: int, seed: int = 0, start: int
     return truth
 
 
-def photo_crops(n: int, size: int = 28, seed: int = 0) -> np.ndarray:
-    """``(n, size, size)`` uint8 grey crops of the two photos scikit-learn ships (``load_sample_images``): square
-    crops of 24-256 px at random places, flipped at random, resized with antialiasing. Natural textures and edges,
-    in Fashion-MNIST's format but not its domain."""
+def photo_crops(n: int, size: int = 28, seed: int = 0, photos: tuple[str, ...] = ("china", "flower")) -> np.ndarray:
+    """``(n, size, size)`` uint8 grey crops of real photos (:func:`sslkit.data.sample_photos.photo_files`; by
+    default the two that scikit-learn ships): squares of 24-256 px at random places, flipped at random, resized
+    with antialiasing. Natural textures and edges, in Fashion-MNIST's format but not its domain."""
     import torch
     import torch.nn.functional as F
-    from sklearn.datasets import load_sample_images
+    from PIL import Image
 
+    from sslkit.data.sample_photos import photo_files
+
+    files = photo_files()
     weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-    photos = [(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() * weights).sum(0)
-              for im in load_sample_images().images]
+    grey = [(torch.from_numpy(np.array(Image.open(files[name]).convert("RGB"))).permute(2, 0, 1).float()
+             * weights).sum(0) for name in photos]
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size), dtype=np.uint8)
     for i in range(n):
-        photo = photos[int(rng.integers(len(photos)))]
+        photo = grey[int(rng.integers(len(grey)))]
         h, w = photo.shape
         side = int(rng.integers(24, min(256, h, w) + 1))
         y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
