@@ -88,6 +88,13 @@ def knn_on_seed_classes(run_dir: Path, banks: dict[str, object], queries: object
     return out
 
 
+def listed(path: Path) -> list[str]:
+    """The image paths of a list file, read as ``image_list`` reads them."""
+    from sslkit.data.image_list import read_image_list
+
+    return [str(f) for f in read_image_list(path)[0]]
+
+
 def pretrain(recipe: str, image_list: Path, out: Path, minutes: float, steps: int | None, name: str,
              overrides: list[str]) -> Path:
     length = ([f"trainer.time_budget_minutes={minutes}"] if steps is None else
@@ -160,7 +167,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         subprocess.run([sys.executable, "-m", "sslkit.cli", "curate", "retrieve", "--seed", str(work / "retrieve/seed"),
                         "--pool", str(work / "retrieve/pool"), "--mode", args.mode, "--per-seed", str(args.per_seed),
                         "--out", str(work / "curated")], check=True, cwd=ROOT)
-        curated = [x for x in (work / "curated" / "curated.txt").read_text().split("\n") if x]
+        curated = listed(work / "curated" / "curated.txt")
         pool = sorted(str(f) for f in (work / "retrieve" / "pool").rglob("*.png"))
         rng = np.random.default_rng(0)
         random = [pool[i] for i in np.sort(rng.choice(len(pool), len(curated), replace=False))]
@@ -173,11 +180,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     if args.ood_only:  # the control: as many images drawn from the pool's out-of-domain part alone
         lists["ood_only"] = work / "ood_only.txt"
         if not lists["ood_only"].is_file():
-            n = len([x for x in lists["curated"].read_text().split("\n") if x])
+            n = len(listed(lists["curated"]))
             ood = sorted(str(f) for f in (work / "retrieve" / "pool").rglob("*.png") if pool_class(str(f)) < 0)
             pick = np.sort(np.random.default_rng(0).choice(len(ood), n, replace=False))
             lists["ood_only"].write_text("\n".join(ood[i] for i in pick) + "\n")
-    names = {k: [x for x in v.read_text().split("\n") if x] for k, v in lists.items()}
+    names = {k: listed(v) for k, v in lists.items()}
     result = {"cpu": cpu_model(), "command": "python " + " ".join(sys.argv), "recipe": Path(args.recipe).name,
               "seed_classes": list(classes), "mode": args.mode, "subset_size": len(names["curated"]),
               "minutes": None if args.steps else args.minutes, "steps": args.steps, "ood": args.ood, **built["pool"],
