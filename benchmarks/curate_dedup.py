@@ -7,9 +7,14 @@ images from 5000, seed 1), which reports it. Candidates (cosine >= ``--threshold
 each row links the pairs at or above one verification threshold:
 
 * recall of a kind: the share of its copies that land in their source's duplicate group;
+* caught, of a kind: the share of its copies of which the copy or its source is removed (the two do not both
+  stay), whatever the group; the measure for ``star``, whose groups need not put a copy beside its source;
 * precision: the share of removed images that are planted copies or their sources (a group of a source and its
   copy removes one of the two); everything else removed is a distinct Fashion-MNIST image taken for a duplicate.
-  ``*_false.png`` shows the groups that hold distinct base images at the default threshold.
+  ``*_false.png`` shows the groups that hold distinct base images at the default threshold (components).
+
+Every threshold is grouped by each link rule (``--links``): ``components`` and ``star``
+(:mod:`sslkit.curate.graph`).
 
 Retrieval: seed = 100 train images from each of 5 classes; pool = the other train images (``--pool-size``) and
 as many out-of-domain shapes, deduplicated with verification first. Precision = the share of retrieved pool
@@ -64,27 +69,32 @@ def dedup_scores(work: Path, args: argparse.Namespace, name: str) -> dict:
     i, j, s = candidates(emb, threshold=args.threshold, progress=False)
     search_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vi, vj, _, score = verify_scores(emb, emb, i, j, s, progress=True)
+    vi, vj, vs, score = verify_scores(emb, emb, i, j, s, progress=True)
     verify_s = time.perf_counter() - t0
     rows = []
-    for thr in [None, *args.verify_thresholds]:
-        ok = score >= thr if thr is not None else None
-        res = group(emb, *((i, j) if ok is None else (vi[ok], vj[ok])))
-        gid = np.full(len(emb.files), -1)
-        for n, g in enumerate(res.groups):
-            gid[g] = n
-        recall = {k: float(np.mean([gid[row[t["copy"]]] >= 0 and gid[row[t["copy"]]] == gid[row[t["source"]]]
-                                    for t in truth if t["kind"] == k])) for k in KINDS}
-        removed = [r.row for r in res.removed]
-        precision = float(np.mean([r in planted for r in removed])) if removed else 1.0
-        if thr == DEFAULT_VERIFY_THRESHOLD:
-            source_of = {row[t["copy"]]: row[t["source"]] for t in truth}
-            false = [g for g in res.groups if len({source_of.get(int(r), int(r)) for r in g}) > 1]
-            png = groups_grid(replace(res, groups=false), Path(f"{args.out}_{name}_false.png"))
-            print(f"{len(false)} groups hold distinct base images: {png}", flush=True)
-        rows.append({"verify_threshold": thr, "precision": precision, "recall": recall, "removed": len(removed),
-                     "groups": len(res.groups), "linked_pairs": int(len(i) if ok is None else ok.sum())})
-        print(json.dumps(rows[-1]), flush=True)
+    for link in args.links:
+        for thr in [None, *args.verify_thresholds]:
+            ok = score >= thr if thr is not None else None
+            res = group(emb, *((i, j, s) if ok is None else (vi[ok], vj[ok], vs[ok])), link=link)
+            gid = np.full(len(emb.files), -1)
+            for n, g in enumerate(res.groups):
+                gid[g] = n
+            recall = {k: float(np.mean([gid[row[t["copy"]]] >= 0 and gid[row[t["copy"]]] == gid[row[t["source"]]]
+                                        for t in truth if t["kind"] == k])) for k in KINDS}
+            removed = [r.row for r in res.removed]
+            gone = set(removed)
+            caught = {k: float(np.mean([row[t["copy"]] in gone or row[t["source"]] in gone
+                                        for t in truth if t["kind"] == k])) for k in KINDS}
+            precision = float(np.mean([r in planted for r in removed])) if removed else 1.0
+            if thr == DEFAULT_VERIFY_THRESHOLD and link == "components":
+                source_of = {row[t["copy"]]: row[t["source"]] for t in truth}
+                false = [g for g in res.groups if len({source_of.get(int(r), int(r)) for r in g}) > 1]
+                png = groups_grid(replace(res, groups=false), Path(f"{args.out}_{name}_false.png"))
+                print(f"{len(false)} groups hold distinct base images: {png}", flush=True)
+            rows.append({"link": link, "verify_threshold": thr, "precision": precision, "recall": recall,
+                         "caught": caught, "removed": len(removed), "groups": len(res.groups),
+                         "linked_pairs": int(len(i) if ok is None else ok.sum())})
+            print(json.dumps(rows[-1]), flush=True)
     return {"images": len(emb.files), "base_start": start, "plant_seed": plant_seed, "embed_seconds": emb.seconds,
             "views": emb.num_views, "candidates": int(len(i)), "verified_pairs": int(len(vi)),
             "search_seconds": search_s, "verify_seconds": verify_s, "threshold": args.threshold, "rows": rows}
@@ -115,11 +125,14 @@ def markdown(result: dict) -> str:
                   f"{d['views']} views each, embedded in {d['embed_seconds']:.0f} s; {d['candidates']} candidate "
                   f"pairs at cosine >= {d['threshold']} ({d['search_seconds']:.1f} s), {d['verified_pairs']} "
                   f"verified (at most {VERIFY_CAP} per image) in {d['verify_seconds']:.0f} s.", "",
-                  "| verify threshold | precision | " + " | ".join(f"recall {k}" for k in KINDS)
-                  + " | removed | linked pairs |", "| --- | --- | " + " | ".join("---" for _ in KINDS) + " | --- | --- |"]
+                  "| link | verify threshold | precision | " + " | ".join(f"recall {k}" for k in KINDS)
+                  + " | " + " | ".join(f"caught {k}" for k in KINDS) + " | removed | linked pairs |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in 2 * KINDS) + " | --- | --- |"]
         for r in d["rows"]:
             thr = "none (cosine only)" if r["verify_threshold"] is None else r["verify_threshold"]
-            lines.append(f"| {thr} | {r['precision']:.3f} | " + " | ".join(f"{r['recall'][k]:.3f}" for k in KINDS)
+            lines.append(f"| {r['link']} | {thr} | {r['precision']:.3f} | "
+                         + " | ".join(f"{r['recall'][k]:.3f}" for k in KINDS)
+                         + " | " + " | ".join(f"{r['caught'][k]:.3f}" for k in KINDS)
                          + f" | {r['removed']} | {r['linked_pairs']} |")
         lines.append("")
     if "retrieval" in result:
@@ -138,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-kind", type=int, default=100, help="planted copies per kind")
     p.add_argument("--verify-thresholds", type=float, nargs="+", default=list(VERIFY_THRESHOLDS))
     p.add_argument("--threshold", type=float, default=graph.DEFAULT_THRESHOLD, help="cosine of a candidate pair")
+    p.add_argument("--links", nargs="+", default=list(graph.LINK_RULES), choices=graph.LINK_RULES,
+                   help="link rules: each verify threshold is grouped by each")
     p.add_argument("--splits", nargs="*", default=["dev", "heldout"], choices=list(SPLITS),
                    help="dev: test images from 0, copies with seed 0 (tuning); heldout: other images and seed")
     p.add_argument("--retrieval-verify", type=float, default=DEFAULT_VERIFY_THRESHOLD,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from sslkit.curate import graph
 from sslkit.curate import verify as verify_mod
-from sslkit.curate.dedup import dedup
+from sslkit.curate.dedup import dedup, group
 from sslkit.curate.embed import Changes, Embeddings, embed_collection, view_boxes
 from sslkit.curate.embedders import load_embedder
 from sslkit.curate.plant import plant_duplicates, write_images
@@ -66,6 +66,48 @@ def test_keep_rules():
     assert graph.keep_one(g, "first", dims, sizes) == 0
     with pytest.raises(ValueError, match="keep rule"):
         graph.keep_one(g, "random", dims, sizes)
+
+
+def test_star_link_breaks_chains_on_hand_made_graph():
+    # a chain 0-1-2-3 and a pair 4-5; 6 alone. Components make the chain one group and keep a single image
+    i, j, s = np.array([0, 1, 2, 4]), np.array([1, 2, 3, 5]), np.array([0.95, 0.96, 0.97, 0.99])
+    assert [g.tolist() for g in graph.groups_of(graph.components(7, i, j))] == [[0, 1, 2, 3], [4, 5]]
+    # star, visiting 0..6: 0 kept, 1 removed (links to 0), 2 kept (only a removed image links to it), 3 removed;
+    # 1 joins its most similar kept neighbour, 2 (0.96 > 0.95)
+    labels = graph.star_labels(7, i, j, s, np.arange(7))
+    assert labels.tolist() == [0, 2, 2, 2, 4, 4, 6]
+    # visiting 1 first: 1 removes 0 and 2; 3 is kept; 2 joins its most similar kept neighbour, 3 (0.97 > 0.96)
+    labels = graph.star_labels(7, i, j, s, np.array([1, 0, 2, 3, 5, 4, 6]))
+    assert labels.tolist() == [1, 1, 3, 3, 5, 5, 6]
+    emb = _fake_embeddings(np.eye(7, dtype=np.float32), [f"{r}.png" for r in range(7)])
+    res = group(emb, i, j, s, keep="first", link="star")
+    assert res.kept.tolist() == [0, 2, 4, 6]
+    assert sorted((r.row, r.kept_row) for r in res.removed) == [(1, 2), (3, 2), (5, 4)]
+    assert [g.tolist() for g in res.groups] == [[1, 2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="link rule"):
+        group(emb, i, j, s, link="chain")
+
+
+def test_star_link_against_a_greedy_reference_on_random_graphs():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = 40
+        pairs = {tuple(sorted(p)) for p in rng.integers(0, n, (60, 2)).tolist() if p[0] != p[1]}
+        i, j = (np.array(x) for x in zip(*sorted(pairs)))
+        s = rng.uniform(0.9, 1.0, len(i))
+        order = rng.permutation(n)
+        nbrs = {r: {} for r in range(n)}
+        for a, b, sim in zip(i.tolist(), j.tolist(), s.tolist()):
+            nbrs[a][b] = nbrs[b][a] = sim
+        kept = set()
+        for u in order.tolist():  # the rule as stated: kept unless an already kept row links to it
+            if not any(v in kept for v in nbrs[u]):
+                kept.add(u)
+        labels = graph.star_labels(n, i, j, s, order)
+        assert {r for r in range(n) if labels[r] == r} == kept
+        for r in set(range(n)) - kept:  # removed: joined to its most similar kept neighbour
+            assert labels[r] == max((v for v in nbrs[r] if v in kept), key=lambda v: nbrs[r][v])
+        assert not any(b in kept for a in kept for b in nbrs[a])  # no two kept rows are linked
 
 
 def test_match_equals_brute_force_over_views():
@@ -271,6 +313,54 @@ def test_resume_after_interruption_reuses_finished_chunks(tmp_path):
     assert again.calls == 0
 
 
+def test_verification_resumes_and_rescores_only_changed_pairs(planted, tmp_path, monkeypatch):
+    import os
+
+    from sslkit.curate.dedup import candidates, verify_scores
+
+    root, truth = planted
+    emb = embed_collection(root, load_embedder("builtin"), tmp_path / "cache", progress=False)
+    i, j, s = candidates(emb, progress=False)
+    assert len(i) > 40
+    scored, fail_after = [], [None]
+    real = verify_mod.pair_scores
+
+    def counting(a, *rest):
+        if fail_after[0] is not None and len(scored) >= fail_after[0]:
+            raise KeyboardInterrupt
+        scored.append(len(a))
+        return real(a, *rest)
+
+    monkeypatch.setattr(verify_mod, "pair_scores", counting)
+    monkeypatch.setattr(verify_mod, "PAIR_BATCH", 8)
+    monkeypatch.setattr(verify_mod, "CACHE_CHUNK", 16)
+    keep = cap_pairs(i, j, s, verify_mod.VERIFY_CAP)
+    ref = verify_mod.verify_pairs(emb.files, emb.files, i[keep], j[keep], emb.dims, emb.dims)  # no cache
+    n = len(ref)
+    scored.clear()
+    fail_after[0] = 5  # 5 batches of 8 scored, then killed: two chunks of 16 reached the cache, 8 pairs were lost
+    with pytest.raises(KeyboardInterrupt):
+        verify_scores(emb, emb, i, j, s, progress=False)
+    scored.clear()
+    fail_after[0] = None
+    vi, vj, _, score = verify_scores(emb, emb, i, j, s, progress=False)
+    assert len(vi) == n and sum(scored) == n - 32
+    np.testing.assert_array_equal(score, ref)
+    scored.clear()
+    assert np.array_equal(verify_scores(emb, emb, i, j, s, progress=False)[3], ref) and sum(scored) == 0
+    assert len(list((emb.cache_dir.parent / (emb.cache_dir.name + ".verify") / "self").glob("*.npz"))) == 1
+    # a file that changes (here only its mtime) has its pairs scored again, and only those
+    changed = int(vi[0])
+    st = os.stat(emb.files[changed])
+    os.utime(emb.files[changed], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    emb2 = embed_collection(root, load_embedder("builtin"), tmp_path / "cache", progress=False)
+    scored.clear()
+    score2 = verify_scores(emb2, emb2, i, j, s, progress=False)[3]
+    assert sum(scored) == int(((vi == changed) | (vj == changed)).sum()) > 0
+    np.testing.assert_array_equal(score2, ref)
+    os.utime(emb.files[changed], ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def test_changed_pool_is_detected_and_only_changes_reembedded(tmp_path):
     imgs = _shapes(10)
     paths = write_images(imgs, tmp_path / "pool")
@@ -356,6 +446,10 @@ def test_curated_list_trains_through_the_cli(tmp_path, tiny_recipe):
                  "--threshold", "0.999"]) == 0
     kept = (tmp_path / "out" / "kept.txt").read_text().split()
     assert len(kept) == 24 and (tmp_path / "out" / "groups.png").is_file()
+    assert main(["curate", "dedup", str(tmp_path / "src"), "--out", str(tmp_path / "star"), "--no-progress",
+                 "--threshold", "0.999", "--link", "star", "--cache-dir", str(tmp_path / "out" / "cache")]) == 0
+    assert (tmp_path / "star" / "kept.txt").read_text().split() == kept  # exact copies: no chain to break
+    assert json.loads((tmp_path / "star" / "dedup.json").read_text())["settings"]["link"] == "star"
     raw = tiny_recipe(name="curated", data={"name": "image_list", "root": str(tmp_path / "out" / "kept.txt"),
                                             "args": {}, "batch_size": 8})
     raw["trainer"]["epochs"] = 1

@@ -34,6 +34,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="pixel correlation (normalised cross-correlation of the best box) a verified pair needs")
     p.add_argument("--keep", choices=graph.KEEP_RULES, default="largest",
                    help="which image of a group stays: largest (most pixels, then largest file) or first (path order)")
+    p.add_argument("--link", choices=graph.LINK_RULES, default="components",
+                   help="how linked pairs form groups: components (a connected group keeps one image; chains of "
+                        "near pairs join images that differ) or star (an image is removed only when it links "
+                        "directly to a kept image, so no chain removes a distinct image)")
     p.add_argument("--index", default=None,
                    help=f"FAISS index: Flat, IVF<nlist>,Flat, HNSW<M>; default Flat up to {graph.FLAT_MAX} images, IVF above")
     p.add_argument("--against", nargs="*", default=[], metavar="EVAL",
@@ -47,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="curate_command", metavar="CURATE", required=True)
     d = sub.add_parser("dedup", help="find near-duplicate groups, keep one image per group",
                        description="Embed SOURCE, link images whose cosine similarity reaches --threshold, keep one "
-                                   "image per connected group, and drop images that duplicate --against sets.")
+                                   "image per group (--link), and drop images that duplicate --against sets.")
     d.add_argument("source", metavar="SOURCE", help="folder of images or list file")
     _common(d)
     r = sub.add_parser("retrieve", help="retrieve pool images near a seed set (DINOv2 curation)",
@@ -102,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     if args.curate_command == "dedup":
         emb = _embed(args.source, args, embedder, cache, "embed")
-        res = dedup(emb, threshold=args.threshold, k=args.k, keep=args.keep, index=args.index, against=against,
-                    verify_threshold=verify_threshold, progress=progress)
+        res = dedup(emb, threshold=args.threshold, k=args.k, keep=args.keep, link=args.link, index=args.index,
+                    against=against, verify_threshold=verify_threshold, progress=progress)
         s = report.write_dedup(res, out)
         print(f"kept {s['kept']} of {s['images']} images; removed {s['removed_duplicates']} duplicates and "
               f"{s['removed_eval']} eval duplicates; {s['unreadable']} unreadable. Lists and report in {out}/")
@@ -121,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
             feats[f"{name}_features"] = _embed(src, args, sem, cache, f"features {name}", [(0.0, 0.0, 1.0)]).full_view()
     res = retrieve_mod.retrieve(seed, pool, mode=args.mode, per_seed=args.per_seed, clusters=args.clusters,
                                 clusters_per_seed=args.clusters_per_seed, evals=against, threshold=args.threshold,
-                                k=args.k, keep=args.keep, index=args.index, verify_threshold=verify_threshold,
+                                k=args.k, keep=args.keep, link=args.link, index=args.index,
+                                verify_threshold=verify_threshold,
                                 progress=progress, **feats)
     s = report.write_retrieve(res, seed.files, out)
     print(f"retrieved {s['retrieved']} of {s['pool_after_dedup']} deduplicated pool images ({args.mode}); "

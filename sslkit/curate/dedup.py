@@ -16,7 +16,7 @@ import numpy as np
 
 from sslkit.curate import graph
 from sslkit.curate.embed import Embeddings
-from sslkit.curate.verify import VERIFY_CAP, cap_pairs, verify_pairs
+from sslkit.curate.verify import VERIFY_CAP, ScoreCache, cap_pairs, row_stamps, verify_pairs
 
 
 @dataclass
@@ -43,8 +43,20 @@ def verify_scores(a: Embeddings, b: Embeddings, i: np.ndarray, j: np.ndarray, s:
     ``VERIFY_CAP`` most similar, with their pixel correlation (:mod:`sslkit.curate.verify`): ``(i, j, s, score)``."""
     keep = cap_pairs(i, j, s, VERIFY_CAP)
     i, j, s = i[keep], j[keep], s[keep]
-    score = verify_pairs(a.files, a.files if a is b else b.files, i, j, a.dims, b.dims, progress=progress)
+    score = verify_pairs(a.files, a.files if a is b else b.files, i, j, a.dims, b.dims, progress=progress,
+                         cache=score_cache(a, b))
     return i, j, s, score
+
+
+def score_cache(a: Embeddings, b: Embeddings) -> ScoreCache | None:
+    """The verified scores of ``a``'s images against ``b``'s, beside ``a``'s embedding cache (outside it, so that
+    re-embedding a changed collection keeps them); None for embeddings without mtimes."""
+    if a.mtimes is None or b.mtimes is None:
+        return None
+    stamps_a = row_stamps(a.files, a.sizes, a.mtimes)
+    stamps_b = stamps_a if a is b else row_stamps(b.files, b.sizes, b.mtimes)
+    home = a.cache_dir.with_name(a.cache_dir.name + ".verify")
+    return ScoreCache(home / ("self" if a is b else b.cache_dir.name), stamps_a, stamps_b)
 
 
 def verified(a: Embeddings, b: Embeddings, i: np.ndarray, j: np.ndarray, s: np.ndarray, *,
@@ -75,17 +87,19 @@ def eval_matches(src: Embeddings, other: Embeddings, *, threshold: float, k: int
 
 
 def dedup(emb: Embeddings, *, threshold: float = graph.DEFAULT_THRESHOLD, k: int = graph.DEFAULT_K,
-          keep: str = "largest", index: str | None = None, against: list[Embeddings] | tuple = (),
-          verify_threshold: float | None = None, progress: bool = True) -> DedupResult:
-    """Group near-duplicates (cosine >= ``threshold`` between a view and a whole image), keep one per group by
-    ``keep`` (:func:`sslkit.curate.graph.keep_one`), and remove every image that duplicates one of ``against``.
+          keep: str = "largest", link: str = "components", index: str | None = None,
+          against: list[Embeddings] | tuple = (), verify_threshold: float | None = None,
+          progress: bool = True) -> DedupResult:
+    """Group near-duplicates (cosine >= ``threshold`` between a view and a whole image) by the ``link`` rule
+    (:data:`sslkit.curate.graph.LINK_RULES`), keep one per group by ``keep``
+    (:func:`sslkit.curate.graph.keep_order`), and remove every image that duplicates one of ``against``.
 
     ``verify_threshold``: also require a pixel correlation at least this high (:mod:`sslkit.curate.verify`)
     from every linked pair; None links on the cosine alone.
     """
     i, j, s = candidates(emb, threshold=threshold, k=k, index=index, progress=progress)
-    i, j, _ = verified(emb, emb, i, j, s, verify_threshold=verify_threshold, progress=progress)
-    res = group(emb, i, j, keep=keep)
+    i, j, s = verified(emb, emb, i, j, s, verify_threshold=verify_threshold, progress=progress)
+    res = group(emb, i, j, s, keep=keep, link=link)
     for other in against:
         for r, path in eval_matches(emb, other, threshold=threshold, k=k, verify_threshold=verify_threshold,
                                     progress=progress).items():
@@ -95,7 +109,7 @@ def dedup(emb: Embeddings, *, threshold: float = graph.DEFAULT_THRESHOLD, k: int
     gone[list(removed)] = True
     res.kept = np.flatnonzero(emb.ok & ~gone)
     res.removed = sorted(removed.values(), key=lambda x: x.row)
-    res.settings = {"threshold": threshold, "k": k, "keep": keep, "index": index or graph.auto_index_spec(len(gone)),
+    res.settings = {"threshold": threshold, "k": k, "keep": keep, "link": link, "index": index or graph.auto_index_spec(len(gone)),
                     "views": emb.num_views, "verify_threshold": verify_threshold,
                     "against": [str(a.cache_dir) for a in against]}
     return res
@@ -108,14 +122,25 @@ def candidates(emb: Embeddings, *, threshold: float = graph.DEFAULT_THRESHOLD, k
                        index_ok=emb.ok, spec=index, progress=progress, desc="dedup search")
 
 
-def group(emb: Embeddings, i: np.ndarray, j: np.ndarray, *, keep: str = "largest") -> DedupResult:
-    """Connected groups of the linked pairs ``(i, j)``; one image per group stays (``keep`` rule)."""
+def group(emb: Embeddings, i: np.ndarray, j: np.ndarray, s: np.ndarray | None = None, *, keep: str = "largest",
+          link: str = "components") -> DedupResult:
+    """Duplicate groups of the linked pairs ``(i, j)`` (cosine ``s``; ``star`` needs it) by the ``link`` rule;
+    one image per group stays (``keep`` rule)."""
     n = len(emb.files)
-    groups = graph.groups_of(graph.components(n, i, j))
+    if link == "components":
+        groups = graph.groups_of(graph.components(n, i, j))
+        winners = [graph.keep_one(g, keep, emb.dims, emb.sizes) for g in groups]
+    elif link == "star":
+        if s is None:
+            raise ValueError("link='star' needs the pairs' similarities s")
+        labels = graph.star_labels(n, i, j, s, graph.keep_order(np.arange(n), keep, emb.dims, emb.sizes))
+        groups = graph.groups_of(labels)
+        winners = [int(labels[g[0]]) for g in groups]
+    else:
+        raise ValueError(f"link rule must be one of {graph.LINK_RULES}, got {link!r}")
     removed: list[Removal] = []
-    for gid, g in enumerate(groups):
-        winner = graph.keep_one(g, keep, emb.dims, emb.sizes)
+    for gid, (g, winner) in enumerate(zip(groups, winners)):
         removed += [Removal(int(r), "duplicate", winner, gid) for r in g if r != winner]
     gone = np.zeros(n, bool)
     gone[[r.row for r in removed]] = True
-    return DedupResult(emb, np.flatnonzero(emb.ok & ~gone), removed, groups, {"keep": keep})
+    return DedupResult(emb, np.flatnonzero(emb.ok & ~gone), removed, groups, {"keep": keep, "link": link})

@@ -9,6 +9,9 @@ folder that belongs to (collection, embedder, views)::
         status.npy        (N,) uint8: 0 = to do, 1 = embedded, 2 = unreadable
         dims.npy          (N, 2) int32: width and height of each image (the keep rule uses them)
         bad.json          {path: reason} of the unreadable images
+    <cache>/<digest>.verify/
+        self/, <other digest>/   verified pair scores of this collection against itself and against others
+                                 (:class:`sslkit.curate.verify.ScoreCache`)
 
 Rows are written chunk by chunk and ``status`` is flushed after the rows, so an interrupted run resumes with
 the first chunk that is not done. A second run compares each image's size and mtime with the manifest: changed,
@@ -129,6 +132,7 @@ class Embeddings:
     computed: int  # images embedded by this call (the rest came from the cache)
     seconds: float
     cache_dir: Path
+    mtimes: np.ndarray | None = None  # (N,) int64 modification times (ns), -1 where a file cannot be stat'ed
 
     @property
     def num_views(self) -> int:
@@ -253,7 +257,7 @@ def embed_collection(source: str | Path | list[Path], embedder: Embedder, cache_
     del emb, status, dims
     vectors, status, dims = _open_arrays(home, 0, 0, 0, "r")
     return Embeddings(files, vectors, status == STATUS_OK, np.asarray(dims), np.asarray(sizes, dtype=np.int64),
-                      bad, changes, len(todo), time.perf_counter() - t0, home)
+                      bad, changes, len(todo), time.perf_counter() - t0, home, np.asarray(mtimes, dtype=np.int64))
 
 
 def _embed_chunk(rows: np.ndarray, files: list[Path], embedder: Embedder, boxes: list[tuple[float, float, float]],

@@ -5,8 +5,15 @@ The index holds whole-image vectors; every view of every query image is searched
 two images when a view of one is at least ``threshold`` similar (cosine) to the whole of the other, which finds
 a crop from the crop's side (its whole image meets the source's window) and copies of other kinds from both.
 
-Components of the thresholded graph are the duplicate groups; :func:`keep_one` keeps one image per group by a
-stated rule. The index is exact (Flat) up to :data:`FLAT_MAX` vectors and IVF beyond, unless overridden.
+Two link rules turn the thresholded graph into duplicate groups (:data:`LINK_RULES`):
+
+* ``components``: a connected component is one group and :func:`keep_one` keeps one image of it by a stated
+  rule. Chains join images that are not duplicates of each other (a near b, b near c, a far from c).
+* ``star``: :func:`star_labels` walks the images in the keep rule's order; an image is kept unless a kept image
+  links to it, and a removed image joins its most similar kept neighbour. Every removed image is a direct
+  duplicate of the image kept in its place, and no two kept images are linked.
+
+The index is exact (Flat) up to :data:`FLAT_MAX` vectors and IVF beyond, unless overridden.
 
 Example::
 
@@ -30,6 +37,7 @@ DEFAULT_THRESHOLD = 0.9  # cosine; benchmarks/curate_dedup.py measures precision
 SEARCH_CHUNK = 16_384  # query vectors per FAISS call
 TRAIN_SAMPLE = 262_144  # vectors the IVF quantiser trains on (FAISS uses at most 256 per list anyway)
 KEEP_RULES = ("largest", "first")
+LINK_RULES = ("components", "star")
 
 
 def auto_index_spec(n: int) -> str:
@@ -136,17 +144,52 @@ def groups_of(labels: np.ndarray) -> list[np.ndarray]:
     return sorted(groups, key=lambda g: (-len(g), int(g[0])))
 
 
-def keep_one(group: np.ndarray, rule: str, dims: np.ndarray, sizes: np.ndarray) -> int:
-    """The row of ``group`` to keep.
+def keep_order(rows: np.ndarray, rule: str, dims: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """``rows`` sorted best first by the keep rule.
 
     ``largest``: the most pixels, then the largest file (least compressed), then the first row (path order).
     ``first``: the first row (path order: a folder's sorted paths or the list file's order).
     """
     if rule not in KEEP_RULES:
         raise ValueError(f"keep rule must be one of {KEEP_RULES}, got {rule!r}")
-    g = np.sort(group)
+    g = np.sort(np.asarray(rows, dtype=np.int64))
     if rule == "first":
-        return int(g[0])
+        return g
     pixels = dims[g, 0].astype(np.int64) * dims[g, 1]
-    best = np.lexsort((g, -sizes[g], -pixels))[0]  # lexsort: last key is the primary one
-    return int(g[best])
+    return g[np.lexsort((g, -sizes[g], -pixels))]  # lexsort: the last key is the primary one
+
+
+def keep_one(group: np.ndarray, rule: str, dims: np.ndarray, sizes: np.ndarray) -> int:
+    """The row of ``group`` to keep: the first by :func:`keep_order`."""
+    return int(keep_order(group, rule, dims, sizes)[0])
+
+
+def star_labels(n: int, i: np.ndarray, j: np.ndarray, sim: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Star groups of the undirected graph with edges ``(i, j, sim)``: label ``(n,)`` = the kept row each row
+    duplicates, its own row when kept.
+
+    Rows are visited in ``order`` (best first, e.g. :func:`keep_order` of all rows); a row is kept unless an
+    already kept row links to it. A removed row joins its most similar kept neighbour (ties: the earlier in
+    ``order``).
+    """
+    from scipy.sparse import coo_matrix
+
+    i, j, sim = np.asarray(i, np.int64), np.asarray(j, np.int64), np.asarray(sim, np.float64)
+    labels = np.arange(n)
+    if len(i) == 0:
+        return labels
+    adj = coo_matrix((np.ones(2 * len(i), np.int8), (np.r_[i, j], np.r_[j, i])), shape=(n, n)).tocsr()
+    removed = np.zeros(n, bool)
+    linked = np.diff(adj.indptr) > 0
+    for u in np.asarray(order)[linked[order]].tolist():
+        if not removed[u]:  # kept: no kept row links to it
+            removed[adj.indices[adj.indptr[u]:adj.indptr[u + 1]]] = True
+    rank = np.empty(n, np.int64)
+    rank[np.asarray(order)] = np.arange(len(order))
+    src, dst, s = np.r_[i, j], np.r_[j, i], np.r_[sim, sim]
+    pick = removed[src] & ~removed[dst]
+    src, dst, s = src[pick], dst[pick], s[pick]
+    best = np.lexsort((rank[dst], -s, src))  # per removed row: the most similar kept neighbour first
+    first = np.r_[True, np.diff(src[best]) != 0]
+    labels[src[best][first]] = dst[best][first]
+    return labels

@@ -110,7 +110,10 @@ def write_dedup(res: DedupResult, out: Path, *, grid: bool = True) -> dict:
              f"| {summary['unreadable']} | {summary['groups']} | {summary['largest_group']} |", "",
              f"Settings: `{json.dumps(res.settings)}`. Keep rule `{res.settings.get('keep')}`: "
              + ("the most pixels, then the largest file, then the first path." if res.settings.get("keep") == "largest"
-                else "the first path in order."), ""]
+                else "the first path in order.")
+             + (" Link rule `star`: every removed image links directly to the image kept in its place."
+                if res.settings.get("link") == "star" else " Link rule `components`: a connected group keeps one image."),
+             ""]
     if res.emb.bad:
         lines += ["Unreadable images (skipped): see `unreadable.csv`, e.g. " + ", ".join(list(res.emb.bad)[:3]), ""]
     if summary["groups_png"]:

@@ -75,7 +75,8 @@ def _cluster_based(seed_vecs: np.ndarray, pool_vecs: np.ndarray, clusters: int, 
 def retrieve(seed_set: Embeddings, pool: Embeddings, *, mode: str = "sample", per_seed: int = DEFAULT_PER_SEED,
              clusters: int = DEFAULT_CLUSTERS, clusters_per_seed: int = DEFAULT_CLUSTERS_PER_SEED,
              evals: list[Embeddings] | tuple = (), threshold: float = graph.DEFAULT_THRESHOLD,
-             k: int = graph.DEFAULT_K, keep: str = "largest", index: str | None = None, seed: int = 0,
+             k: int = graph.DEFAULT_K, keep: str = "largest", link: str = "components", index: str | None = None,
+             seed: int = 0,
              seed_features: np.ndarray | None = None, pool_features: np.ndarray | None = None,
              verify_threshold: float | None = None, progress: bool = True) -> RetrieveResult:
     """Retrieve pool images near the seed set, after deduplicating the pool against itself, the seeds and ``evals``.
@@ -85,7 +86,7 @@ def retrieve(seed_set: Embeddings, pool: Embeddings, *, mode: str = "sample", pe
     """
     if mode not in MODES:
         raise ValueError(f"retrieval mode must be one of {MODES}, got {mode!r}")
-    cleaned = dedup(pool, threshold=threshold, k=k, keep=keep, index=index, against=[seed_set, *evals],
+    cleaned = dedup(pool, threshold=threshold, k=k, keep=keep, link=link, index=index, against=[seed_set, *evals],
                     verify_threshold=verify_threshold, progress=progress)
     avail = cleaned.kept
     seeds_ok = np.flatnonzero(seed_set.ok)

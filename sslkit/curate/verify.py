@@ -17,6 +17,10 @@ directions, whether image B is a box of image A:
    (the fewer pixels per side of B and of the box in A), so that a shrunk copy is not penalised for the detail
    it lost.
 
+Scores are kept on disk (:class:`ScoreCache`) under keys made of both images' paths, sizes and mtimes: an
+interrupted verification resumes with the pairs not yet scored, and a rerun (another ``--verify-threshold``, a
+pool with a few images changed) scores only the pairs it has not seen.
+
 A pair is a duplicate when its score reaches ``threshold`` (``DEFAULT_VERIFY_THRESHOLD``, tuned on a development
 split; ``benchmarks/curate_dedup.py`` reports it on held-out images). All boxes of a scale are scored at once: A
 is sampled onto a canvas (``grid_sample``) and B's template slides over it as a grouped convolution. The cost is
@@ -30,7 +34,10 @@ Example::
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +54,7 @@ REFINE_ROUNDS = 3  # local search rounds around the coarse box, each with half t
 DEFAULT_VERIFY_THRESHOLD = 0.995  # normalised cross-correlation; benchmarks/curate_dedup.py measures around it
 VERIFY_CAP = 30  # candidates verified per image (its most similar), so the cost is linear in the collection
 PAIR_BATCH = 256  # pairs verified at a time
+CACHE_CHUNK = 16_384  # scored pairs written to the score cache at a time
 EPS = 1e-6
 
 
@@ -267,34 +275,127 @@ def cap_pairs(i: np.ndarray, j: np.ndarray, sim: np.ndarray, k: int) -> np.ndarr
     return order[keep[order]]
 
 
+def _settings_salt() -> str:
+    """Everything a score depends on besides the two images: a change here invalidates every cached score."""
+    return repr(("verify-v1", THUMB_SIZE, TEMPLATE_SIZE, MIN_CROP_AREA, SCALE_STEPS, FINE_SIZE, DETAIL_STEP,
+                 REFINE_ROUNDS))
+
+
+def row_stamps(files: list[Path], sizes: np.ndarray, mtimes: np.ndarray) -> np.ndarray:
+    """``(N,)`` uint64 digest of each image's path, size and mtime (and the verification settings)."""
+    import hashlib
+
+    salt = _settings_salt()
+    return np.array([int.from_bytes(hashlib.blake2b(f"{salt}|{f}|{s}|{m}".encode(), digest_size=8).digest(), "little")
+                     for f, s, m in zip(map(str, files), np.asarray(sizes).tolist(), np.asarray(mtimes).tolist())],
+                    dtype=np.uint64)
+
+
+class ScoreCache:
+    """Verified pair scores in a folder of ``.npz`` files (``keys`` uint64, ``scores`` float32), each written
+    atomically.
+
+    A pair's key mixes the stamps (:func:`row_stamps`) of its two images in order, so a changed, moved or
+    re-encoded image never reuses a score. :meth:`finish` rewrites the folder as one file holding the last
+    complete call's pairs, which bounds its size; files that cannot be read are ignored.
+    """
+
+    def __init__(self, directory: Path, stamps_a: np.ndarray, stamps_b: np.ndarray) -> None:
+        self.dir, self.stamps_a, self.stamps_b = Path(directory), stamps_a, stamps_b
+        self._seen: list[Path] = []
+
+    def keys(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        x = self.stamps_a[i] ^ (self.stamps_b[j] * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's finaliser
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(found (P,) bool, scores (P,) float32)`` from the files in the folder."""
+        known_k, known_s = [np.zeros(0, np.uint64)], [np.zeros(0, np.float32)]
+        for f in sorted(self.dir.glob("*.npz")) if self.dir.is_dir() else []:
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    k, s = z["keys"], z["scores"]
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged or foreign file: its pairs are scored again
+            if k.dtype == np.uint64 and s.dtype == np.float32 and k.shape == s.shape and k.ndim == 1:
+                known_k.append(k)
+                known_s.append(s)
+                self._seen.append(f)
+        k, s = np.concatenate(known_k), np.concatenate(known_s)
+        order = np.argsort(k, kind="stable")
+        k, s = k[order], s[order]
+        pos = np.minimum(np.searchsorted(k, keys), max(len(k) - 1, 0))
+        found = (k[pos] == keys) if len(k) else np.zeros(len(keys), bool)
+        return found, np.where(found, s[pos] if len(k) else 0.0, 0.0).astype(np.float32)
+
+    def add(self, keys: np.ndarray, scores: np.ndarray) -> None:
+        """Write the pairs ``keys`` with their ``scores`` as a new file."""
+        from sslkit.run import atomic_write_bytes
+
+        if len(keys) == 0:
+            return
+        buf = io.BytesIO()
+        np.savez(buf, keys=np.asarray(keys, np.uint64), scores=np.asarray(scores, np.float32))
+        path = self.dir / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.npz"
+        atomic_write_bytes(path, buf.getvalue())
+        self._seen.append(path)
+
+    def finish(self, keys: np.ndarray, scores: np.ndarray) -> None:
+        """Keep only this call's pairs: one file for all of them; the files read or written before go."""
+        old, self._seen = self._seen, []
+        self.add(keys, scores)
+        for f in old:
+            f.unlink(missing_ok=True)
+
+
 def verify_pairs(files_a: list[Path], files_b: list[Path], i: np.ndarray, j: np.ndarray, dims_a: np.ndarray,
-                 dims_b: np.ndarray, *, batch: int = PAIR_BATCH, progress: bool = False,
-                 desc: str = "verify") -> np.ndarray:
+                 dims_b: np.ndarray, *, batch: int | None = None, progress: bool = False, desc: str = "verify",
+                 cache: ScoreCache | None = None) -> np.ndarray:
     """Correlation score ``(P,)`` of each candidate pair (``files_a[i[p]]``, ``files_b[j[p]]``).
 
-    Each image involved is decoded once into a thumbnail (``THUMB_SIZE`` squared bytes each).
+    Each image involved in a pair still to score is decoded once into a thumbnail (``THUMB_SIZE`` squared
+    bytes each). ``batch``: pairs scored at a time (default ``PAIR_BATCH``). With ``cache``, known pairs are read from it and new scores are written to it every
+    ``CACHE_CHUNK`` pairs, so an interrupted call loses at most that many.
     """
     from tqdm.auto import tqdm
 
+    batch = batch or PAIR_BATCH
     i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
     scores = np.zeros(len(i), np.float32)
     if len(i) == 0:
         return scores
+    todo = np.arange(len(i))
+    if cache is not None:
+        keys = cache.keys(i, j)
+        found, known = cache.lookup(keys)
+        scores[found] = known[found]
+        todo = np.flatnonzero(~found)
     same = files_a is files_b
-    rows_a = np.unique(np.r_[i, j]) if same else np.unique(i)
+    ti, tj = i[todo], j[todo]
+    rows_a = np.unique(np.r_[ti, tj]) if same else np.unique(ti)
     thumb_a, asp_a = thumbnails(files_a, rows_a)
-    pos_a = np.searchsorted(rows_a, i)
+    pos_a = np.searchsorted(rows_a, ti)
     if same:
-        thumb_b, asp_b, pos_b = thumb_a, asp_a, np.searchsorted(rows_a, j)
+        thumb_b, asp_b, pos_b = thumb_a, asp_a, np.searchsorted(rows_a, tj)
     else:
-        rows_b = np.unique(j)
+        rows_b = np.unique(tj)
         thumb_b, asp_b = thumbnails(files_b, rows_b)
-        pos_b = np.searchsorted(rows_b, j)
-    bar = tqdm(total=len(i), desc=desc, unit="pair", disable=not progress, dynamic_ncols=True)
-    for s in range(0, len(i), batch):
-        pa, pb = pos_a[s:s + batch], pos_b[s:s + batch]
-        scores[s:s + batch] = pair_scores(thumb_a[pa], thumb_b[pb], asp_a[pa], asp_b[pb], dims_a[i[s:s + batch]],
-                                          dims_b[j[s:s + batch]])
-        bar.update(len(pa))
+        pos_b = np.searchsorted(rows_b, tj)
+    bar = tqdm(total=len(i), initial=len(i) - len(todo), desc=desc, unit="pair", disable=not progress,
+               dynamic_ncols=True)
+    unsaved = 0
+    for s in range(0, len(todo), batch):
+        pa, pb, sel = pos_a[s:s + batch], pos_b[s:s + batch], todo[s:s + batch]
+        scores[sel] = pair_scores(thumb_a[pa], thumb_b[pb], asp_a[pa], asp_b[pb], dims_a[i[sel]], dims_b[j[sel]])
+        bar.update(len(sel))
+        unsaved += len(sel)
+        if cache is not None and (unsaved >= CACHE_CHUNK or s + batch >= len(todo)):
+            done = todo[s + len(sel) - unsaved:s + len(sel)]
+            cache.add(keys[done], scores[done])
+            unsaved = 0
     bar.close()
+    if cache is not None:
+        cache.finish(keys, scores)
     return scores
