@@ -420,6 +420,73 @@ def test_sample_and_cluster_retrieval_on_hand_made_vectors():
 # ---------------------------------------------------------------------------------------------------------- lists
 
 
+def test_even_split_is_the_water_filling_allocation():
+    from sslkit.curate.balance import even_split
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(0, 12, rng.integers(1, 8))
+        total = int(rng.integers(0, 60))
+        take = even_split(sizes, total, rng)
+        ref = np.zeros_like(sizes)  # one image at a time to the emptiest cluster that has one left
+        for _ in range(min(total, int(sizes.sum()))):
+            open_ = np.flatnonzero(ref < sizes)
+            ref[open_[np.argmin(ref[open_])]] += 1
+        assert (take <= sizes).all() and take.sum() == ref.sum()
+        assert sorted(take.tolist()) == sorted(ref.tolist())
+
+
+def test_hierarchical_sample_splits_evenly_down_the_tree():
+    from sslkit.curate.balance import Level, hierarchical_sample
+
+    # 12 images in level-1 clusters of 6, 3, 2 and 1; level 2 joins clusters {0, 1} (9 images) and {2, 3} (3)
+    assign1 = np.repeat([0, 1, 2, 3], [6, 3, 2, 1])
+    levels = [Level(np.zeros((4, 2), np.float32), assign1), Level(np.zeros((2, 2), np.float32), np.array([0, 0, 1, 1]))]
+    for seed in range(5):
+        rows = hierarchical_sample(levels, 6, seed=seed)
+        assert len(set(rows.tolist())) == 6 and (np.diff(rows) > 0).all()
+        per1 = np.bincount(assign1[rows], minlength=4)
+        assert per1[2:].tolist() == [2, 1]  # top cluster 1 holds only 3 images: all of them
+        assert sorted(per1[:2].tolist()) == [1, 2]  # top cluster 0's 3 split evenly over its children of 6 and 3
+    assert len(hierarchical_sample(levels, 50)) == 12  # more than the pool: all of it
+
+
+def test_hierarchical_kmeans_levels_assign_each_item_to_its_nearest_centroid():
+    from sslkit.curate.balance import auto_clusters, hierarchical_kmeans
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(c, 1.0, (n, 8)) for c, n in zip((0, 6, -6), (300, 60, 20))]).astype(np.float32)
+    for steps in (0, 2):
+        levels = hierarchical_kmeans(x, [12, 3], resample_steps=steps, seed=0)
+        assert [len(lv.centroids) for lv in levels] == [12, 3]
+        items = x
+        for lv in levels:
+            d = ((items[:, None, :] - lv.centroids[None]) ** 2).sum(-1)
+            near = d.argmin(1)
+            same = d[np.arange(len(items)), lv.assign] <= d[np.arange(len(items)), near] + 1e-3
+            assert same.all()
+            items = lv.centroids
+    with pytest.raises(ValueError, match="positive"):
+        hierarchical_kmeans(x, [0])
+    assert auto_clusters(15_000) == [1500, 300, 60, 12] and auto_clusters(380) == [38] and auto_clusters(3) == [1]
+
+
+def test_balance_cli_writes_a_balanced_image_list(tmp_path, capsys):
+    from sslkit.cli import main
+
+    write_images(_shapes(40), tmp_path / "src")
+    assert main(["curate", "balance", str(tmp_path / "src"), "--size", "12", "--clusters", "6,2",
+                 "--out", str(tmp_path / "bal"), "--no-progress"]) == 0
+    listed = (tmp_path / "bal" / "balanced.txt").read_text().split()
+    assert len(listed) == len(set(listed)) == 12 and all(Path(f).is_file() for f in listed)
+    summary = json.loads((tmp_path / "bal" / "balance.json").read_text())
+    assert summary["selected"] == 12 and sum(summary["top_cluster_selected"]) == 12
+    assert DATASETS.build("image_list", root=str(tmp_path / "bal" / "balanced.txt")).__len__() == 12
+    assert main(["curate", "balance", str(tmp_path / "src"), "--size", "12", "--clusters", "6,x",
+                 "--out", str(tmp_path / "bal2")]) == 2
+    assert "--clusters takes positive counts" in capsys.readouterr().err
+
+
 def test_image_list_csv_labels_and_errors(tmp_path):
     paths = write_images(_shapes(3), tmp_path / "imgs")
     (tmp_path / "l.csv").write_text(f"path,label,score\n{paths[0]},cat,1\nimgs/img_000001.png,dog,2\n"

@@ -1,10 +1,12 @@
-"""``sslkit curate dedup SOURCE`` and ``sslkit curate retrieve --seed SEED --pool POOL``.
+"""``sslkit curate dedup SOURCE``, ``sslkit curate retrieve --seed SEED --pool POOL`` and
+``sslkit curate balance SOURCE --size N``.
 
 SOURCE, SEED and POOL are folders of images (searched recursively) or list files (.txt: one path per line;
 .csv: a ``path`` column). Examples::
 
     sslkit curate dedup photos/ --out curated/ --against testset/
     sslkit curate retrieve --seed seed/ --pool scraped/ --mode cluster --clusters 200 --out curated/
+    sslkit curate balance curated/kept.txt --size 50000 --encoder runs/my_run --out balanced/
     sslkit pretrain recipes/simclr_resnet_fmnist.yaml data.name=image_list data.root=curated/curated.txt
 """
 
@@ -13,16 +15,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
+from sslkit.curate import balance as balance_mod
 from sslkit.curate import graph, verify
 from sslkit.curate import retrieve as retrieve_mod
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="curated", help="output folder (lists, report, groups.png)")
     p.add_argument("--encoder", default="builtin",
                    help="builtin (copy descriptor, no training), an sslkit run directory, or timm:<name> with --weights")
     p.add_argument("--weights", default=None, help="local weights file for timm:<name> (nothing is downloaded)")
     p.add_argument("--image-size", type=int, default=None, help="encoder input size (run: its eval size; timm: 224)")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/cache); reruns resume from it")
+    p.add_argument("--device", default="cpu", help="cpu, cuda ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    _encoder_args(p)
     p.add_argument("--threshold", type=float, default=graph.DEFAULT_THRESHOLD,
                    help="cosine at or above which two images are duplicates; lower finds more, with more false "
                         "pairs (benchmarks/curate_dedup.py measures both)")
@@ -42,9 +54,6 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"FAISS index: Flat, IVF<nlist>,Flat, HNSW<M>; default Flat up to {graph.FLAT_MAX} images, IVF above")
     p.add_argument("--against", nargs="*", default=[], metavar="EVAL",
                    help="evaluation sets (folders or lists): images that duplicate one of them are removed")
-    p.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/cache); reruns resume from it")
-    p.add_argument("--device", default="cpu", help="cpu, cuda ...")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +77,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="encoder for the retrieval itself (e.g. a pretrained run: semantic neighbours); default the "
                         "copy vectors of --encoder")
     _common(r)
+    b = sub.add_parser("balance", help="a balanced subset by hierarchical k-means (Vo et al. 2024)",
+                       description="Embed SOURCE, cluster it with hierarchical k-means and draw --size images evenly "
+                                   "over the clusters, top level first, so that dense concepts do not crowd out "
+                                   "rare ones. Deduplicate first (curate dedup; pass its kept.txt as SOURCE).")
+    b.add_argument("source", metavar="SOURCE", help="folder of images or list file")
+    b.add_argument("--size", type=int, required=True, help="images in the balanced subset")
+    b.add_argument("--clusters", default="auto",
+                   help="clusters per level, finest first, comma-separated (e.g. 1500,300,60,12); auto: about "
+                        f"{balance_mod.LEAF_SIZE} images per level-1 cluster, then {balance_mod.LEVEL_RATIO} times "
+                        "fewer per level")
+    b.add_argument("--resample-steps", type=int, default=0,
+                   help="re-run each level's k-means this many times on the members nearest each centroid")
+    b.add_argument("--resample-size", type=int, default=None,
+                   help="members per cluster a resampling step uses (default: the median cluster size)")
+    b.add_argument("--seed", type=int, default=0, help="k-means and sampling seed")
+    _encoder_args(b)
 
 
 def _embed(source: str, args: argparse.Namespace, embedder, cache: Path, desc: str, boxes=None):  # noqa: ANN001, ANN202
@@ -89,6 +114,11 @@ def run(args: argparse.Namespace) -> int:
     from sslkit.curate.dedup import dedup
     from sslkit.curate.embedders import load_embedder
 
+    if args.encoder.startswith("timm:") and not args.weights:
+        raise CLIError(f"{args.encoder} needs --weights FILE: nothing is downloaded.")
+    if args.curate_command == "balance":
+        embedder = load_embedder(args.encoder, weights=args.weights, image_size=args.image_size, device=args.device)
+        return _balance(args, embedder, Path(args.out))
     if not 0.0 < args.threshold <= 1.0:
         raise CLIError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if args.k < 1:
@@ -97,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--verify-threshold is a correlation in (-1, 1], got {args.verify_threshold}")
     verify_on = args.encoder == "builtin" if args.verify is None else args.verify
     verify_threshold = args.verify_threshold if verify_on else None
-    if args.encoder.startswith("timm:") and not args.weights:
-        raise CLIError(f"{args.encoder} needs --weights FILE: nothing is downloaded.")
     out = Path(args.out)
     cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
     embedder = load_embedder(args.encoder, weights=args.weights, image_size=args.image_size, device=args.device)
@@ -131,4 +159,36 @@ def run(args: argparse.Namespace) -> int:
     s = report.write_retrieve(res, seed.files, out)
     print(f"retrieved {s['retrieved']} of {s['pool_after_dedup']} deduplicated pool images ({args.mode}); "
           f"image list: {out / 'curated.txt'}")
+    return 0
+
+
+def _balance(args: argparse.Namespace, embedder, out: Path) -> int:  # noqa: ANN001
+    from sslkit.cli import CLIError
+    from sslkit.curate import report
+
+    try:
+        clusters = None if args.clusters == "auto" else [int(c) for c in str(args.clusters).split(",")]
+    except ValueError:
+        clusters = []
+    if clusters is not None and (not clusters or min(clusters) < 1):
+        raise CLIError(f"--clusters takes positive counts per level, finest first (e.g. 1000,100), got {args.clusters!r}")
+    if args.size < 1:
+        raise CLIError(f"--size must be at least 1, got {args.size}")
+    if args.resample_steps < 0 or (args.resample_size is not None and args.resample_size < 1):
+        raise CLIError("--resample-steps must be >= 0 and --resample-size >= 1")
+    cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    emb = _embed(args.source, args, embedder, cache, "embed", [(0.0, 0.0, 1.0)])
+    rows = np.flatnonzero(emb.ok)
+    if len(rows) == 0:
+        raise CLIError(f"{args.source}: no readable image to balance")
+    clusters = clusters or balance_mod.auto_clusters(len(rows))
+    levels = balance_mod.hierarchical_kmeans(emb.full_view(rows), clusters, resample_steps=args.resample_steps,
+                                             resample_size=args.resample_size, seed=args.seed,
+                                             progress=not args.no_progress)
+    picked = balance_mod.hierarchical_sample(levels, args.size, seed=args.seed)
+    s = report.write_balance(emb, rows, levels, picked, out, settings={
+        "size": args.size, "clusters": clusters, "resample_steps": args.resample_steps,
+        "resample_size": args.resample_size, "seed": args.seed, "encoder": args.encoder})
+    print(f"balanced {s['selected']} of {s['images']} images over {s['clusters'][-1]} top clusters; "
+          f"image list: {out / 'balanced.txt'}")
     return 0

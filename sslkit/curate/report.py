@@ -6,6 +6,9 @@ groups, kept image first), ``dedup.json`` and ``report.md``.
 
 retrieve: also ``curated.csv`` / ``curated.txt`` (the retrieved pool images, best first, with their scores) and
 ``retrieve.json``.
+
+balance: ``balanced.txt`` (an image list), ``balanced.csv`` (each image with its cluster at every level) and
+``balance.json`` (cluster sizes before and after, per top cluster).
 """
 
 from __future__ import annotations
@@ -139,4 +142,26 @@ def write_retrieve(res: RetrieveResult, seed_files: list[Path], out: Path) -> di
         f.write(f"\n# Retrieval\n\n{summary['retrieved']} of {summary['pool_after_dedup']} deduplicated pool images "
                 f"retrieved ({mode}); the list is `curated.txt` (train with `data.name=image_list "
                 f"data.root={out / 'curated.txt'}`).\n")
+    return summary
+
+
+def write_balance(emb, rows: np.ndarray, levels: list, picked: np.ndarray, out: Path, *,  # noqa: ANN001
+                  settings: dict) -> dict:
+    """Write the balanced subset (``picked``: positions in ``rows``, the embedded images clustered) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path_ids = [levels[0].assign]  # the cluster of every image at each level
+    for lv in levels[1:]:
+        path_ids.append(lv.assign[path_ids[-1]])
+    files = [str(emb.files[r]) for r in rows]
+    write_list(out / "balanced.txt", [files[p] for p in picked])
+    write_csv(out / "balanced.csv", ["path", *[f"cluster_level{d + 1}" for d in range(len(levels))]],
+              [[files[p], *[int(ids[p]) for ids in path_ids]] for p in picked])
+    top = path_ids[-1]
+    k_top = len(levels[-1].centroids)
+    before, after = np.bincount(top, minlength=k_top), np.bincount(top[picked], minlength=k_top)
+    summary = {"images": len(emb.files), "clustered": int(len(rows)), "unreadable": len(emb.bad),
+               "selected": int(len(picked)), "clusters": [len(lv.centroids) for lv in levels],
+               "top_cluster_sizes": before.tolist(), "top_cluster_selected": after.tolist(), "settings": settings}
+    write_csv(out / "unreadable.csv", ["path", "error"], [[p, e] for p, e in sorted(emb.bad.items())])
+    write_json(out / "balance.json", summary)
     return summary
