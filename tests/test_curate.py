@@ -481,6 +481,7 @@ def test_balance_cli_writes_a_balanced_image_list(tmp_path, capsys):
     assert len(listed) == len(set(listed)) == 12 and all(Path(f).is_file() for f in listed)
     summary = json.loads((tmp_path / "bal" / "balance.json").read_text())
     assert summary["selected"] == 12 and sum(summary["top_cluster_selected"]) == 12
+    assert summary["clusters"] == [6, 2] and "| top cluster |" in (tmp_path / "bal" / "report.md").read_text()
     assert DATASETS.build("image_list", root=str(tmp_path / "bal" / "balanced.txt")).__len__() == 12
     assert main(["curate", "balance", str(tmp_path / "src"), "--size", "12", "--clusters", "6,x",
                  "--out", str(tmp_path / "bal2")]) == 2

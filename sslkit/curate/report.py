@@ -7,8 +7,8 @@ groups, kept image first), ``dedup.json`` and ``report.md``.
 retrieve: also ``curated.csv`` / ``curated.txt`` (the retrieved pool images, best first, with their scores) and
 ``retrieve.json``.
 
-balance: ``balanced.txt`` (an image list), ``balanced.csv`` (each image with its cluster at every level) and
-``balance.json`` (cluster sizes before and after, per top cluster).
+balance: ``balanced.txt`` (an image list), ``balanced.csv`` (each image with its cluster at every level),
+``balance.json`` and ``report.md`` (each top cluster's images and how many were selected).
 """
 
 from __future__ import annotations
@@ -164,4 +164,9 @@ def write_balance(emb, rows: np.ndarray, levels: list, picked: np.ndarray, out: 
                "top_cluster_sizes": before.tolist(), "top_cluster_selected": after.tolist(), "settings": settings}
     write_csv(out / "unreadable.csv", ["path", "error"], [[p, e] for p, e in sorted(emb.bad.items())])
     write_json(out / "balance.json", summary)
+    lines = ["# Balanced subset", "", f"{summary['selected']} of {summary['clustered']} images, drawn evenly over "
+             f"hierarchical k-means clusters {summary['clusters']} (finest first). Settings: `{json.dumps(settings)}`.",
+             "", "| top cluster | images | selected |", "| --- | --- | --- |"]
+    lines += [f"| {c} | {before[c]} | {after[c]} |" for c in np.argsort(-before, kind="stable").tolist()]
+    atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
     return summary
