@@ -171,7 +171,8 @@ def _balance(args: argparse.Namespace, embedder, out: Path) -> int:  # noqa: ANN
     except ValueError:
         clusters = []
     if clusters is not None and (not clusters or min(clusters) < 1):
-        raise CLIError(f"--clusters takes positive counts per level, finest first (e.g. 1000,100), got {args.clusters!r}")
+        raise CLIError(f"--clusters takes positive counts per level, finest first (e.g. 1000,100) or auto, "
+                       f"got {args.clusters!r}")
     if args.size < 1:
         raise CLIError(f"--size must be at least 1, got {args.size}")
     if args.resample_steps < 0 or (args.resample_size is not None and args.resample_size < 1):

@@ -109,7 +109,8 @@ def dedup(emb: Embeddings, *, threshold: float = graph.DEFAULT_THRESHOLD, k: int
     gone[list(removed)] = True
     res.kept = np.flatnonzero(emb.ok & ~gone)
     res.removed = sorted(removed.values(), key=lambda x: x.row)
-    res.settings = {"threshold": threshold, "k": k, "keep": keep, "link": link, "index": index or graph.auto_index_spec(len(gone)),
+    res.settings = {"threshold": threshold, "k": k, "keep": keep, "link": link,
+                    "index": index or graph.auto_index_spec(len(gone)),
                     "views": emb.num_views, "verify_threshold": verify_threshold,
                     "against": [str(a.cache_dir) for a in against]}
     return res

@@ -115,7 +115,8 @@ def write_dedup(res: DedupResult, out: Path, *, grid: bool = True) -> dict:
              + ("the most pixels, then the largest file, then the first path." if res.settings.get("keep") == "largest"
                 else "the first path in order.")
              + (" Link rule `star`: every removed image links directly to the image kept in its place."
-                if res.settings.get("link") == "star" else " Link rule `components`: a connected group keeps one image."),
+                if res.settings.get("link") == "star"
+                else " Link rule `components`: a connected group keeps one image."),
              ""]
     if res.emb.bad:
         lines += ["Unreadable images (skipped): see `unreadable.csv`, e.g. " + ", ".join(list(res.emb.bad)[:3]), ""]

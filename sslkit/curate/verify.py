@@ -305,6 +305,7 @@ class ScoreCache:
         self._seen: list[Path] = []
 
     def keys(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """``(P,)`` uint64 key of each pair (row ``i`` of the first collection, row ``j`` of the second)."""
         x = self.stamps_a[i] ^ (self.stamps_b[j] * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019))
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's finaliser
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -356,8 +357,9 @@ def verify_pairs(files_a: list[Path], files_b: list[Path], i: np.ndarray, j: np.
     """Correlation score ``(P,)`` of each candidate pair (``files_a[i[p]]``, ``files_b[j[p]]``).
 
     Each image involved in a pair still to score is decoded once into a thumbnail (``THUMB_SIZE`` squared
-    bytes each). ``batch``: pairs scored at a time (default ``PAIR_BATCH``). With ``cache``, known pairs are read from it and new scores are written to it every
-    ``CACHE_CHUNK`` pairs, so an interrupted call loses at most that many.
+    bytes each). ``batch``: pairs scored at a time (default ``PAIR_BATCH``). With ``cache``, known pairs are
+    read from it and new scores are written to it every ``CACHE_CHUNK`` pairs, so an interrupted call loses at
+    most that many.
     """
     from tqdm.auto import tqdm
 
