@@ -37,8 +37,8 @@ TOP_MIN = 10  # auto_clusters stops before a level would have fewer clusters tha
 def auto_clusters(n: int) -> list[int]:
     """Cluster counts per level for ``n`` images, finest first: about ``LEAF_SIZE`` images per level-1 cluster, then
     ``LEVEL_RATIO`` times fewer clusters per level down to ``TOP_MIN`` or more (15,000 images: 1500, 300, 60, 12).
-    The paper's web-scale hierarchy has the same shape; for millions of images level 1 costs the most, so set
-    ``clusters`` by hand there."""
+    The paper's web-scale hierarchy also narrows level by level. Level 1 costs the most (``n / LEAF_SIZE``
+    centroids): for millions of images set ``clusters`` by hand."""
     levels = [max(1, n // LEAF_SIZE)]
     while levels[-1] // LEVEL_RATIO >= TOP_MIN:
         levels.append(levels[-1] // LEVEL_RATIO)
