@@ -186,4 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m sslkit.cli` runs this file as __main__; the subcommands raise sslkit.cli.CLIError, so hand over to
+    # the imported module, whose except clauses name that class (this module's own copy would miss them)
+    from sslkit.cli import main as _main
+
+    sys.exit(_main())

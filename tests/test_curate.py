@@ -348,7 +348,8 @@ def test_verification_resumes_and_rescores_only_changed_pairs(planted, tmp_path,
     np.testing.assert_array_equal(score, ref)
     scored.clear()
     assert np.array_equal(verify_scores(emb, emb, i, j, s, progress=False)[3], ref) and sum(scored) == 0
-    assert len(list((emb.cache_dir.parent / (emb.cache_dir.name + ".verify") / "self").glob("*.npz"))) == 1
+    folder = emb.cache_dir.parent / (emb.cache_dir.name + ".verify") / f"self-{verify_mod.settings_key()}"
+    assert len(list(folder.glob("*.npz"))) == 1
     # a file that changes (here only its mtime) has its pairs scored again, and only those
     changed = int(vi[0])
     st = os.stat(emb.files[changed])
@@ -486,6 +487,12 @@ def test_balance_cli_writes_a_balanced_image_list(tmp_path, capsys):
     assert main(["curate", "balance", str(tmp_path / "src"), "--size", "12", "--clusters", "6,x",
                  "--out", str(tmp_path / "bal2")]) == 2
     assert "--clusters takes positive counts" in capsys.readouterr().err
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sslkit.cli", "curate", "balance", str(tmp_path / "src"), "--size",
+                           "12", "--clusters", "0", "--out", str(tmp_path / "bal3")], capture_output=True, text=True)
+    assert done.returncode == 2 and "--clusters takes positive counts" in done.stderr  # `python -m` too
 
 
 def test_image_list_csv_labels_and_errors(tmp_path):

@@ -116,9 +116,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.encoder.startswith("timm:") and not args.weights:
         raise CLIError(f"{args.encoder} needs --weights FILE: nothing is downloaded.")
+    out = Path(args.out)
+    cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
     if args.curate_command == "balance":
+        clusters = _balance_clusters(args)  # bad arguments fail before the encoder loads
         embedder = load_embedder(args.encoder, weights=args.weights, image_size=args.image_size, device=args.device)
-        return _balance(args, embedder, Path(args.out))
+        return _balance(args, clusters, embedder, out, cache)
     if not 0.0 < args.threshold <= 1.0:
         raise CLIError(f"--threshold must lie in (0, 1], got {args.threshold}")
     if args.k < 1:
@@ -127,8 +130,6 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--verify-threshold is a correlation in (-1, 1], got {args.verify_threshold}")
     verify_on = args.encoder == "builtin" if args.verify is None else args.verify
     verify_threshold = args.verify_threshold if verify_on else None
-    out = Path(args.out)
-    cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
     embedder = load_embedder(args.encoder, weights=args.weights, image_size=args.image_size, device=args.device)
     against = [_embed(a, args, embedder, cache, f"embed {a}") for a in args.against]
     progress = not args.no_progress
@@ -162,9 +163,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _balance(args: argparse.Namespace, embedder, out: Path) -> int:  # noqa: ANN001
+def _balance_clusters(args: argparse.Namespace) -> list[int] | None:
+    """The ``--clusters`` list (None: auto), after checking the balance arguments."""
     from sslkit.cli import CLIError
-    from sslkit.curate import report
 
     try:
         clusters = None if args.clusters == "auto" else [int(c) for c in str(args.clusters).split(",")]
@@ -177,7 +178,14 @@ def _balance(args: argparse.Namespace, embedder, out: Path) -> int:  # noqa: ANN
         raise CLIError(f"--size must be at least 1, got {args.size}")
     if args.resample_steps < 0 or (args.resample_size is not None and args.resample_size < 1):
         raise CLIError("--resample-steps must be >= 0 and --resample-size >= 1")
-    cache = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    return clusters
+
+
+def _balance(args: argparse.Namespace, clusters: list[int] | None, embedder, out: Path,  # noqa: ANN001
+             cache: Path) -> int:
+    from sslkit.cli import CLIError
+    from sslkit.curate import report
+
     emb = _embed(args.source, args, embedder, cache, "embed", [(0.0, 0.0, 1.0)])
     rows = np.flatnonzero(emb.ok)
     if len(rows) == 0:

@@ -16,7 +16,7 @@ import numpy as np
 
 from sslkit.curate import graph
 from sslkit.curate.embed import Embeddings
-from sslkit.curate.verify import VERIFY_CAP, ScoreCache, cap_pairs, row_stamps, verify_pairs
+from sslkit.curate.verify import VERIFY_CAP, ScoreCache, cap_pairs, settings_key, verify_pairs
 
 
 @dataclass
@@ -51,12 +51,10 @@ def verify_scores(a: Embeddings, b: Embeddings, i: np.ndarray, j: np.ndarray, s:
 def score_cache(a: Embeddings, b: Embeddings) -> ScoreCache | None:
     """The verified scores of ``a``'s images against ``b``'s, beside ``a``'s embedding cache (outside it, so that
     re-embedding a changed collection keeps them); None for embeddings without mtimes."""
-    if a.mtimes is None or b.mtimes is None:
+    if a.stamps is None or b.stamps is None:
         return None
-    stamps_a = row_stamps(a.files, a.sizes, a.mtimes)
-    stamps_b = stamps_a if a is b else row_stamps(b.files, b.sizes, b.mtimes)
     home = a.cache_dir.with_name(a.cache_dir.name + ".verify")
-    return ScoreCache(home / ("self" if a is b else b.cache_dir.name), stamps_a, stamps_b)
+    return ScoreCache(home / f"{'self' if a is b else b.cache_dir.name}-{settings_key()}", a.stamps, b.stamps)
 
 
 def verified(a: Embeddings, b: Embeddings, i: np.ndarray, j: np.ndarray, s: np.ndarray, *,

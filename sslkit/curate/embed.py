@@ -10,8 +10,8 @@ folder that belongs to (collection, embedder, views)::
         dims.npy          (N, 2) int32: width and height of each image (the keep rule uses them)
         bad.json          {path: reason} of the unreadable images
     <cache>/<digest>.verify/
-        self/, <other digest>/   verified pair scores of this collection against itself and against others
-                                 (:class:`sslkit.curate.verify.ScoreCache`)
+        self-<settings>/, <other digest>-<settings>/   verified pair scores of this collection against itself
+                                 and against others (:class:`sslkit.curate.verify.ScoreCache`)
 
 Rows are written chunk by chunk and ``status`` is flushed after the rows, so an interrupted run resumes with
 the first chunk that is not done. A second run compares each image's size and mtime with the manifest: changed,
@@ -25,6 +25,7 @@ its source's area meet the source's matching window.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -133,6 +134,15 @@ class Embeddings:
     seconds: float
     cache_dir: Path
     mtimes: np.ndarray | None = None  # (N,) int64 modification times (ns), -1 where a file cannot be stat'ed
+
+    @functools.cached_property
+    def stamps(self) -> np.ndarray | None:
+        """``(N,)`` uint64 digest of each image's path, size and mtime; None without mtimes."""
+        if self.mtimes is None:
+            return None
+        return np.array([int.from_bytes(hashlib.blake2b(f"{f}|{s}|{m}".encode(), digest_size=8).digest(), "little")
+                         for f, s, m in zip(map(str, self.files), self.sizes.tolist(), self.mtimes.tolist())],
+                        dtype=np.uint64)
 
     @property
     def num_views(self) -> int:

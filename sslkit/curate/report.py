@@ -49,6 +49,11 @@ def write_list(path: Path, files: list[str]) -> Path:
     return path
 
 
+def write_unreadable(emb, out: Path) -> Path:  # noqa: ANN001 - Embeddings
+    """``unreadable.csv``: each image that could not be read, with the error."""
+    return write_csv(out / "unreadable.csv", ["path", "error"], [[p, e] for p, e in sorted(emb.bad.items())])
+
+
 def groups_grid(res: DedupResult, path: Path) -> Path | None:
     """The largest duplicate groups, one row each, the kept image first (green title), the removed in red."""
     from sslkit.data.image_folder import decode_image
@@ -103,7 +108,7 @@ def write_dedup(res: DedupResult, out: Path, *, grid: bool = True) -> dict:
            for x in res.removed]
     write_csv(out / "removed.csv", ["path", "reason", "duplicate_of", "group"], rem)
     write_json(out / "removed.json", [dict(zip(["path", "reason", "duplicate_of", "group"], r)) for r in rem])
-    write_csv(out / "unreadable.csv", ["path", "error"], [[p, e] for p, e in sorted(res.emb.bad.items())])
+    write_unreadable(res.emb, out)
     summary = dedup_summary(res)
     summary["groups_png"] = str(groups_grid(res, out / "groups.png")) if grid else None
     write_json(out / "dedup.json", summary)
@@ -163,7 +168,7 @@ def write_balance(emb, rows: np.ndarray, levels: list, picked: np.ndarray, out: 
     summary = {"images": len(emb.files), "clustered": int(len(rows)), "unreadable": len(emb.bad),
                "selected": int(len(picked)), "clusters": [len(lv.centroids) for lv in levels],
                "top_cluster_sizes": before.tolist(), "top_cluster_selected": after.tolist(), "settings": settings}
-    write_csv(out / "unreadable.csv", ["path", "error"], [[p, e] for p, e in sorted(emb.bad.items())])
+    write_unreadable(emb, out)
     write_json(out / "balance.json", summary)
     lines = ["# Balanced subset", "", f"{summary['selected']} of {summary['clustered']} images, drawn evenly over "
              f"hierarchical k-means clusters {summary['clusters']} (finest first). Settings: `{json.dumps(settings)}`.",

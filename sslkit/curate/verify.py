@@ -275,27 +275,21 @@ def cap_pairs(i: np.ndarray, j: np.ndarray, sim: np.ndarray, k: int) -> np.ndarr
     return order[keep[order]]
 
 
-def _settings_salt() -> str:
-    """Everything a score depends on besides the two images: a change here invalidates every cached score."""
-    return repr(("verify-v1", THUMB_SIZE, TEMPLATE_SIZE, MIN_CROP_AREA, SCALE_STEPS, FINE_SIZE, DETAIL_STEP,
-                 REFINE_ROUNDS))
-
-
-def row_stamps(files: list[Path], sizes: np.ndarray, mtimes: np.ndarray) -> np.ndarray:
-    """``(N,)`` uint64 digest of each image's path, size and mtime (and the verification settings)."""
+def settings_key() -> str:
+    """A digest of everything a score depends on besides the two images: the score cache keeps the scores of other
+    settings in another folder."""
     import hashlib
 
-    salt = _settings_salt()
-    return np.array([int.from_bytes(hashlib.blake2b(f"{salt}|{f}|{s}|{m}".encode(), digest_size=8).digest(), "little")
-                     for f, s, m in zip(map(str, files), np.asarray(sizes).tolist(), np.asarray(mtimes).tolist())],
-                    dtype=np.uint64)
+    parts = ("verify-v1", THUMB_SIZE, TEMPLATE_SIZE, MIN_CROP_AREA, SCALE_STEPS, FINE_SIZE, DETAIL_STEP, REFINE_ROUNDS)
+    return hashlib.blake2b(repr(parts).encode(), digest_size=6).hexdigest()
 
 
 class ScoreCache:
     """Verified pair scores in a folder of ``.npz`` files (``keys`` uint64, ``scores`` float32), each written
     atomically.
 
-    A pair's key mixes the stamps (:func:`row_stamps`) of its two images in order, so a changed, moved or
+    A pair's key mixes the stamps (:attr:`sslkit.curate.embed.Embeddings.stamps`) of its two images in order,
+    so a changed, moved or
     re-encoded image never reuses a score. :meth:`finish` rewrites the folder as one file holding the last
     complete call's pairs, which bounds its size; files that cannot be read are ignored.
     """
@@ -393,7 +387,7 @@ def verify_pairs(files_a: list[Path], files_b: list[Path], i: np.ndarray, j: np.
         scores[sel] = pair_scores(thumb_a[pa], thumb_b[pb], asp_a[pa], asp_b[pb], dims_a[i[sel]], dims_b[j[sel]])
         bar.update(len(sel))
         unsaved += len(sel)
-        if cache is not None and (unsaved >= CACHE_CHUNK or s + batch >= len(todo)):
+        if cache is not None and unsaved >= CACHE_CHUNK:  # the tail goes with finish()
             done = todo[s + len(sel) - unsaved:s + len(sel)]
             cache.add(keys[done], scores[done])
             unsaved = 0
